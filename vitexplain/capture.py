@@ -1,0 +1,156 @@
+"""Recording every block's attention probabilities (and their gradients) from a timm ViT.
+
+timm's ``Attention`` runs fused ``scaled_dot_product_attention`` by default,
+which never materialises the attention matrix. While recording, each block's
+attention is switched to timm's explicit path (``fused_attn = False``:
+``softmax(q·kᵀ·scale)`` then ``attn_drop``) and a forward hook on ``attn_drop``
+keeps its output: exactly the matrix the block multiplies with ``v``. Both
+paths compute the same function; logits agree to float rounding (tested).
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the recorded
+tensors themselves, so they come back in layer order (module backward hooks
+would deliver them last layer first).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import Tensor, nn
+
+from .methods.base import TokenLayout
+
+
+@dataclass
+class Capture:
+    """One forward pass: logits ``(B, C)``, attentions ``L × (B, H, N, N)``, readout ``(B, N)``."""
+
+    logits: Tensor
+    attentions: list[Tensor]
+    readout: Tensor
+    layout: TokenLayout
+
+    def gradients(self, targets: Tensor, retain_graph: bool = True) -> list[Tensor]:
+        """``∂y_{b,c_b}/∂A_l`` for every layer, in layer order; ``targets`` is ``(B,)``.
+
+        Batch items are independent, so the gradient of ``Σ_b y_{b,c_b}`` with
+        respect to ``A_l[b]`` is that of item ``b``'s own target logit.
+        """
+        if not self.attentions[0].requires_grad:
+            raise RuntimeError("capture was recorded without gradients; use capture_attention(..., with_grad=True)")
+        score = self.logits.gather(1, targets.view(-1, 1).to(self.logits.device)).sum()
+        return list(torch.autograd.grad(score, self.attentions, retain_graph=retain_graph))
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every block, first block first."""
+    return [block.attn for block in model.blocks]
+
+
+@contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the context, each block's attention probabilities are appended to the yielded list."""
+    modules = attention_modules(model)
+    recorded: list[Tensor] = []
+    saved = [getattr(m, "fused_attn", None) for m in modules]
+    hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(out)) for m in modules]
+    for module in modules:
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    try:
+        yield recorded
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for module, fused in zip(modules, saved):
+            if fused is not None:
+                module.fused_attn = fused
+
+
+@contextmanager
+def pool_input(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Records the token sequence entering an attention-pool head (``global_pool='map'``)."""
+    pool = getattr(model, "attn_pool", None)
+    recorded: list[Tensor] = []
+    hook = pool.register_forward_pre_hook(lambda _m, args: recorded.append(args[0])) if pool is not None else None
+    try:
+        yield recorded
+    finally:
+        if hook is not None:
+            hook.remove()
+
+
+def token_layout(model: nn.Module, image_size: tuple[int, int]) -> TokenLayout:
+    """Prefix tokens and patch grid of ``model`` for inputs of ``image_size`` (H, W)."""
+    embed = model.patch_embed
+    grid = tuple(embed.dynamic_feat_size(image_size)) if getattr(model, "dynamic_img_size", False) else tuple(embed.grid_size)
+    prefix = int(getattr(model, "num_prefix_tokens", 1))
+    return TokenLayout(prefix, (int(grid[0]), int(grid[1])), readout_tokens(model))
+
+
+def readout_tokens(model: nn.Module) -> tuple[int, ...]:
+    """Prefix tokens the classifier reads: CLS (and DeiT's distillation token) for token pooling."""
+    if getattr(model, "attn_pool", None) is not None or getattr(model, "global_pool", "token") != "token":
+        return ()
+    return (0, 1) if hasattr(model, "head_dist") else (0,)
+
+
+def readout_weights(model: nn.Module, layout: TokenLayout, batch: int, pooled: Tensor | None, device) -> Tensor:
+    """``(B, N)`` weights ``r`` of the tokens the prediction is read from.
+
+    - ``token`` pooling: the CLS token (``e_0``); DeiT distilled: ``(e_0 + e_1)/2``,
+      as its prediction averages the CLS and distillation heads;
+    - ``avg`` / ``max`` / ``avgmax``: uniform over the pooled tokens (patches, or all
+      tokens when ``pool_include_prefix``); max pooling is approximated by the mean;
+    - ``map`` (attention-pool head): the pool's own attention of its latent query
+      over the tokens, averaged over heads and latents.
+    """
+    weights = torch.zeros(batch, layout.num_tokens, device=device)
+    include_prefix = bool(getattr(model, "pool_include_prefix", False))
+    first = 0 if include_prefix else layout.num_prefix_tokens
+    if pooled is not None:
+        weights[:, first:] = latent_pool_attention(model.attn_pool, pooled).to(device)
+    elif layout.protected_tokens:
+        weights[:, list(layout.protected_tokens)] = 1.0 / len(layout.protected_tokens)
+    else:
+        weights[:, first:] = 1.0 / (layout.num_tokens - first)
+    return weights
+
+
+@torch.no_grad()
+def latent_pool_attention(pool: nn.Module, tokens: Tensor) -> Tensor:
+    """Attention of a timm ``AttentionPoolLatent``'s latent queries over ``tokens``, ``(B, N)``.
+
+    ``softmax(q·kᵀ·scale)`` as in its explicit path, averaged over heads and latents.
+    """
+    batch, n, _ = tokens.shape
+    if getattr(pool, "pos_embed", None) is not None:
+        tokens = tokens + pool.pos_embed.unsqueeze(0).to(tokens.dtype)
+    q = pool.q(pool.latent.expand(batch, -1, -1)).reshape(batch, pool.latent_len, pool.num_heads, pool.head_dim)
+    k = pool.kv(tokens).reshape(batch, n, 2, pool.num_heads, pool.head_dim)[:, :, 0]
+    q, k = pool.q_norm(q.transpose(1, 2)), pool.k_norm(k.transpose(1, 2))
+    attention = ((q * pool.scale) @ k.transpose(-2, -1)).float().softmax(dim=-1)
+    return attention.mean(dim=(1, 2))
+
+
+def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False) -> Capture:
+    """Run ``model`` on ``images`` ``(B, 3, H, W)`` and record what the methods need.
+
+    With ``with_grad`` the graph is kept so that :meth:`Capture.gradients` can
+    differentiate target logits with respect to each layer's attention.
+    """
+    layout = token_layout(model, tuple(images.shape[-2:]))
+    grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
+    with grad_mode, explicit_attention(model) as attentions, pool_input(model) as pooled:
+        logits = model(images)
+    if len(attentions) != len(model.blocks):
+        raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
+    if attentions[0].shape[-1] != layout.num_tokens:
+        raise RuntimeError(
+            f"attention covers {attentions[0].shape[-1]} tokens, expected {layout.num_prefix_tokens} prefix + "
+            f"{layout.grid[0]}×{layout.grid[1]} patches"
+        )
+    readout = readout_weights(model, layout, images.shape[0], pooled[0] if pooled else None, images.device)
+    return Capture(logits, list(attentions), readout, layout)

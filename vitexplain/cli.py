@@ -1,0 +1,155 @@
+"""``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .data import InputError, find_images
+from .explainers import EXPLAINERS
+from .models import (DEFAULT_MODEL, ModelLoadError, class_names_for, class_synonyms_for, load_model,
+                     preprocessing_for, resolve_class)
+from .pipeline import RenderOptions, RunSummary, explain_paths, resolve_device
+from .render import COLORMAPS
+from .writer import OutputWriter
+
+app = typer.Typer(
+    help="Explain what a Vision Transformer looks at: heatmaps for folders of images.\n\n"
+    "Example: vitexplain rollout images/ --fusion max --discard-ratio 0.9",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+console = Console(stderr=True)
+
+FusionChoice = Enum("FusionChoice", {name: name for name in ("mean", "max", "min")}, type=str)
+DeviceChoice = Enum("DeviceChoice", {name: name for name in ("auto", "cpu", "cuda", "mps")}, type=str)
+ColormapChoice = Enum("ColormapChoice", {name: name for name in COLORMAPS}, type=str)
+
+Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).", show_default=False)]
+OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays, raw masks and manifest.jsonl.")]
+ModelName = Annotated[str, typer.Option("--model", "-m", help="timm ViT name; pretrained weights via timm unless --checkpoint.")]
+CheckpointPath = Annotated[
+    Optional[Path],
+    typer.Option("--checkpoint", help="Local state dict (.pth/.pt/.safetensors; plain or under 'state_dict'/'model') for --model."),
+]
+FusionOpt = Annotated[FusionChoice, typer.Option("--fusion", help="How to fuse attention heads per layer.")]
+DiscardOpt = Annotated[
+    float, typer.Option("--discard-ratio", help="Fraction of each layer's lowest fused attention zeroed, in [0, 1).")
+]
+BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
+DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto = CUDA, then MPS, then CPU.")]
+WorkersOpt = Annotated[int, typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images.")]
+ColormapOpt = Annotated[ColormapChoice, typer.Option("--colormap", help="Heatmap colours.")]
+AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
+SaveRawOpt = Annotated[bool, typer.Option("--save-raw", help="Also save each patch-grid mask as float32 .npy.")]
+ClassOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--class", "-c", help="Target class: ImageNet index or name ('243', 'tiger cat'); repeat for several. Default: each image's top-1."),
+]
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def run_method(method: str, inputs: list[Path], out: Path, model: str, checkpoint: Path | None, fusion: str,
+               discard_ratio: float, batch_size: int, device: str, num_workers: int, colormap: str,
+               alpha: float, save_raw: bool, classes: list[str] | None = None) -> RunSummary:
+    """Validate options, load the model, stream the images, print a summary."""
+    try:
+        if not 0.0 <= discard_ratio < 1.0:
+            raise ValueError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
+        paths = find_images(inputs)
+        torch_device = resolve_device(device)
+        network = load_model(model, checkpoint=checkpoint).to(torch_device)
+        names = class_names_for(network.num_classes)
+        targets = [resolve_class(c, class_synonyms_for(network.num_classes)) for c in classes] if classes else None
+    except (InputError, ValueError) as error:
+        raise fail(str(error), code=2) from None
+    except ModelLoadError as error:
+        raise fail(str(error)) from None
+    if not paths:
+        raise fail("no images found in the given inputs", code=2)
+    explainer = EXPLAINERS[method](network, fusion=fusion, discard_ratio=discard_ratio)
+    with progress_bar() as progress:
+        task = progress.add_task(f"{method}", total=len(paths))
+        summary = explain_paths(
+            explainer, paths, preprocessing_for(network), OutputWriter(out, paths), names, targets,
+            RenderOptions(colormap, alpha, save_raw), batch_size, num_workers, torch_device,
+            on_images=lambda n: progress.advance(task, n),
+        )
+    console.print(
+        f"[green]done:[/] {summary.images} images → {summary.outputs} outputs in {out}/ "
+        f"({summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {torch_device}); "
+        f"manifest: {out / 'manifest.jsonl'}",
+        highlight=False,
+    )
+    return summary
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+@app.command()
+def rollout(
+    inputs: Inputs,
+    out: OutDir = Path("vitexplain-out"),
+    model: ModelName = DEFAULT_MODEL,
+    checkpoint: CheckpointPath = None,
+    fusion: FusionOpt = FusionChoice.mean,
+    discard_ratio: DiscardOpt = 0.9,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = DeviceChoice.auto,
+    num_workers: WorkersOpt = 0,
+    colormap: ColormapOpt = ColormapChoice.jet,
+    alpha: AlphaOpt = 0.5,
+    save_raw: SaveRawOpt = False,
+) -> None:
+    """Attention Rollout (Abnar & Zuidema 2020): class-agnostic map of what the prediction draws on.
+
+    Per layer: fuse heads, zero the lowest --discard-ratio of entries, add the identity (residual)
+    and normalise rows; multiply the layers and read the CLS row over the patches.
+    """
+    run_method("rollout", inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
+               device.value, num_workers, colormap.value, alpha, save_raw)
+
+
+@app.command("grad-rollout")
+def grad_rollout(
+    inputs: Inputs,
+    classes: ClassOpt = None,
+    out: OutDir = Path("vitexplain-out"),
+    model: ModelName = DEFAULT_MODEL,
+    checkpoint: CheckpointPath = None,
+    fusion: FusionOpt = FusionChoice.mean,
+    discard_ratio: DiscardOpt = 0.9,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = DeviceChoice.auto,
+    num_workers: WorkersOpt = 0,
+    colormap: ColormapOpt = ColormapChoice.jet,
+    alpha: AlphaOpt = 0.5,
+    save_raw: SaveRawOpt = False,
+) -> None:
+    """Gradient Attention Rollout: where the evidence for one class is.
+
+    Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out
+    as in `rollout`. One output per image and --class.
+    """
+    run_method("grad-rollout", inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
+               device.value, num_workers, colormap.value, alpha, save_raw, classes)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

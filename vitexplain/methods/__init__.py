@@ -1,0 +1,16 @@
+"""Explanation methods: pure tensor functions over captured attentions."""
+from .base import FUSIONS, Fusion, TokenLayout, fuse_heads, rollout_masks
+from .grad_rollout import gradient_rollout, gradient_weighting
+from .rollout import attention_rollout, rollout_weighting
+
+__all__ = [
+    "FUSIONS",
+    "Fusion",
+    "TokenLayout",
+    "attention_rollout",
+    "fuse_heads",
+    "gradient_rollout",
+    "gradient_weighting",
+    "rollout_masks",
+    "rollout_weighting",
+]

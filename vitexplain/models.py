@@ -1,0 +1,166 @@
+"""Loading timm ViTs (hub weights or local checkpoints), preprocessing and class names."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "deit_tiny_patch16_224"
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or its weights could not be loaded; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How to turn a picture into model input: resize the whole image, then normalise."""
+
+    size: tuple[int, int]  # (height, width)
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: str = "bicubic"
+
+
+def check_model_name(name: str) -> str:
+    """Return ``name`` if timm knows it, else raise with the closest known names."""
+    if timm.is_model(name.split(".")[0]):
+        return name
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models('*vit*')`."
+    raise ModelLoadError(f"unknown timm model {name!r}.{hint}")
+
+
+def check_attention_blocks(model: nn.Module, name: str) -> None:
+    """Raise unless ``model`` is a ViT-style stack of blocks with self-attention."""
+    blocks = getattr(model, "blocks", None)
+    if not blocks or not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
+        raise ModelLoadError(
+            f"{name!r} has no ViT attention blocks (model.blocks[i].attn); "
+            "vitexplain explains Vision Transformers such as deit_tiny_patch16_224 or vit_base_patch16_224"
+        )
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.pth/.pt/.bin`` (plain or nested under ``state_dict``/``model``) or ``.safetensors``."""
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling and format errors come in many types
+        raise ModelLoadError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+    for key in STATE_DICT_KEYS:
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelLoadError(f"{str(path)!r} holds no state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def classifier_num_classes(name: str, state: dict[str, torch.Tensor]) -> int:
+    """Number of classes of the classifier head stored in ``state`` (0 when it has none)."""
+    classifier = timm.models.get_pretrained_cfg(name.split(".")[0]).classifier
+    first = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    weight = state.get(f"{first or 'head'}.weight")
+    return 0 if weight is None else int(weight.shape[0])
+
+
+def load_checkpoint_model(name: str, path: Path, **model_kwargs) -> nn.Module:
+    """Build architecture ``name`` with the checkpoint's head size and strict-load the checkpoint."""
+    state = read_state_dict(path)
+    model = timm.create_model(name, pretrained=False, num_classes=classifier_num_classes(name, state), **model_kwargs)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ModelLoadError(
+            f"checkpoint {str(path)!r} does not fit {name!r}: {str(error).splitlines()[0]} "
+            "(is --model the architecture it was trained with?)"
+        ) from error
+    return model
+
+
+def load_pretrained_model(name: str, **model_kwargs) -> nn.Module:
+    """Build ``name`` with its pretrained weights via timm (Hugging Face Hub or local HF cache)."""
+    try:
+        return timm.create_model(name, pretrained=True, **model_kwargs)
+    except (OSError, ConnectionError, RuntimeError, ValueError) as error:
+        raise ModelLoadError(
+            f"could not get pretrained weights for {name!r} ({type(error).__name__}). "
+            "Without access to the Hugging Face Hub, pass --checkpoint PATH (a local state dict for this "
+            "architecture, .pth or .safetensors), or put the weights in the HF cache (HF_HOME) and set HF_HUB_OFFLINE=1."
+        ) from error
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    checkpoint: str | Path | None = None,
+    pretrained: bool = True,
+    **model_kwargs,
+) -> nn.Module:
+    """A timm ViT in eval mode: from ``checkpoint`` if given, else pretrained (or random-init)."""
+    check_model_name(name)
+    if checkpoint is not None:
+        model = load_checkpoint_model(name, Path(checkpoint), **model_kwargs)
+    elif pretrained:
+        model = load_pretrained_model(name, **model_kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **model_kwargs)
+    check_attention_blocks(model, name)
+    return model.eval()
+
+
+def preprocessing_for(model: nn.Module) -> Preprocessing:
+    """Normalisation from timm's data config for ``model``; size is what the patch embedding was built for.
+
+    The whole image is resized to that size (no centre crop), so masks cover the whole picture.
+    """
+    config = timm.data.resolve_data_config({}, model=model)
+    height, width = getattr(model.patch_embed, "img_size", None) or config["input_size"][1:]
+    return Preprocessing((height, width), tuple(config["mean"]), tuple(config["std"]), config["interpolation"])
+
+
+@lru_cache(maxsize=1)
+def imagenet_class_synonyms() -> tuple[tuple[str, ...], ...]:
+    """Per ImageNet-1k class, its WordNet lemmas (``('tiger cat',)``, ``('airliner',)``…), shipped with timm."""
+    info = timm.data.ImageNetInfo()
+    return tuple(tuple(s.strip() for s in info.index_to_description(i).split(",")) for i in range(1000))
+
+
+def class_synonyms_for(num_classes: int) -> tuple[tuple[str, ...], ...]:
+    """ImageNet lemmas for a 1000-class head, ``('class_<i>',)`` otherwise."""
+    if num_classes == 1000:
+        return imagenet_class_synonyms()
+    return tuple((f"class_{i}",) for i in range(num_classes))
+
+
+def class_names_for(num_classes: int) -> tuple[str, ...]:
+    """One display name per class: its first lemma."""
+    return tuple(synonyms[0] for synonyms in class_synonyms_for(num_classes))
+
+
+def resolve_class(spec: str | int, synonyms: tuple[tuple[str, ...], ...]) -> int:
+    """Class index from an index (``"243"``) or any of its names (``"tiger cat"``, case-insensitive)."""
+    text = str(spec).strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(synonyms):
+            raise ValueError(f"class index {index} is out of range: the model has classes 0..{len(synonyms) - 1}")
+        return index
+    index_of = {name.lower(): i for i, names in enumerate(synonyms) for name in reversed(names)}
+    if text.lower() in index_of:
+        return index_of[text.lower()]
+    close = difflib.get_close_matches(text.lower(), list(index_of), n=5, cutoff=0.6)
+    hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else " Give the class index instead."
+    raise ValueError(f"unknown class name {text!r}.{hint}")

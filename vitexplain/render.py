@@ -1,0 +1,51 @@
+"""Colormaps and heatmap overlays, in numpy/torch only (no matplotlib or OpenCV)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
+# viridis / inferno / turbo anchors are sampled from the published colormaps.
+COLORMAP_ANCHORS: dict[str, tuple[str, ...]] = {
+    "jet": ("#00007f", "#0000ff", "#007fff", "#00ffff", "#7fff7f", "#ffff00", "#ff7f00", "#ff0000", "#7f0000"),
+    "viridis": ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"),
+    "inferno": ("#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06", "#f7d13d", "#fcffa4"),
+    "turbo": ("#30123b", "#4145ab", "#4675ed", "#39a2fc", "#1bcfd4", "#24eca6", "#61fc6c", "#a4fc3b", "#d1e834",
+              "#f3c63a", "#fe9b2d", "#f36315", "#d93806", "#b11901", "#7a0403"),
+    "gray": ("#000000", "#ffffff"),
+}
+COLORMAPS: tuple[str, ...] = tuple(COLORMAP_ANCHORS)
+
+
+def colormap_table(name: str, size: int = 256) -> np.ndarray:
+    """A ``(size, 3)`` uint8 lookup table for colormap ``name``."""
+    if name not in COLORMAP_ANCHORS:
+        raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
+    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in COLORMAP_ANCHORS[name]], dtype=np.float64)
+    stops = np.linspace(0.0, 1.0, len(anchors))
+    levels = np.linspace(0.0, 1.0, size)
+    table = np.stack([np.interp(levels, stops, anchors[:, c]) for c in range(3)], axis=1)
+    return np.round(table).astype(np.uint8)
+
+
+def upsample_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of a ``(gh, gw)`` mask to ``size`` (H, W), clipped to [0, 1]."""
+    grid = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
+    resized = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return resized[0, 0].clamp_(0.0, 1.0).numpy()
+
+
+def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
+    """Map values in [0, 1] ``(H, W)`` to ``(H, W, 3)`` uint8 colours."""
+    table = colormap_table(colormap)
+    return table[np.round(values * (len(table) - 1)).astype(np.intp)]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    heat = colorize(upsample_mask(mask, image.shape[:2]), colormap).astype(np.float32)
+    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
+    return np.clip(np.round(blended), 0, 255).astype(np.uint8)

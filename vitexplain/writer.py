@@ -1,0 +1,90 @@
+"""Output files: collision-free names, atomic writes, and the JSON-lines manifest."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import imageio.v3 as iio
+import numpy as np
+
+MANIFEST_NAME = "manifest.jsonl"
+
+
+def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
+    """A file-name stem per input: its own stem, plus a short path hash where two inputs share one."""
+    counts = Counter(p.stem for p in paths)
+    return {p: p.stem if counts[p.stem] == 1 else f"{p.stem}-{path_digest(p)}" for p in paths}
+
+
+def path_digest(path: Path) -> str:
+    return hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+
+
+def format_params(params: dict[str, Any]) -> str:
+    """``{'fusion': 'max', 'discard_ratio': 0.9, 'target': 243}`` → ``max_d0.9_c243``."""
+    prefixes = {"discard_ratio": "d", "target": "c"}
+    return "_".join(f"{prefixes.get(k, '')}{v:g}" if isinstance(v, float) else f"{prefixes.get(k, '')}{v}"
+                    for k, v in params.items() if v is not None)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            file.write(data)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    return iio.imwrite("<bytes>", image, extension=".png")
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+class OutputWriter:
+    """Writes overlays (PNG), raw masks (float32 ``.npy``) and one manifest line per output."""
+
+    def __init__(self, out_dir: Path, input_paths: Sequence[Path]):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.stems = output_stems(input_paths)
+        self.manifest_path = self.out_dir / MANIFEST_NAME
+        self.written = 0
+
+    def output_name(self, input_path: Path, method: str, params: dict[str, Any]) -> str:
+        return f"{self.stems[input_path]}_{method}_{format_params(params)}"
+
+    def write(self, input_path: Path, method: str, params: dict[str, Any], overlay: np.ndarray,
+              raw: np.ndarray | None, record: dict[str, Any]) -> dict[str, Any]:
+        """Write one output's files, then its manifest line (so the manifest lists only complete outputs)."""
+        name = self.output_name(input_path, method, params)
+        overlay_path = self.out_dir / f"{name}.png"
+        atomic_write_bytes(overlay_path, png_bytes(overlay))
+        raw_path = None
+        if raw is not None:
+            raw_path = self.out_dir / f"{name}.npy"
+            atomic_write_bytes(raw_path, npy_bytes(raw.astype(np.float32)))
+        entry = {"input": str(input_path), "method": method, **params, **record,
+                 "overlay": str(overlay_path), "raw": None if raw_path is None else str(raw_path)}
+        self.append_manifest(entry)
+        self.written += 1
+        return entry
+
+    def append_manifest(self, entry: dict[str, Any]) -> None:
+        with self.manifest_path.open("a", encoding="utf-8") as manifest:
+            manifest.write(json.dumps(entry) + "\n")
