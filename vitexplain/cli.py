@@ -69,6 +69,8 @@ def run_method(method: str, inputs: list[Path], out: Path, model: str, checkpoin
         torch_device = resolve_device(device)
         network = load_model(model, checkpoint=checkpoint).to(torch_device)
         names = class_names_for(network.num_classes)
+        if EXPLAINERS[method].class_specific and not names:
+            raise ValueError(f"{method} needs a classifier head, and {model!r} has none (num_classes=0)")
         targets = [resolve_class(c, class_synonyms_for(network.num_classes)) for c in classes] if classes else None
     except (InputError, ValueError) as error:
         raise fail(str(error), code=2) from None

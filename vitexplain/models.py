@@ -158,9 +158,15 @@ def resolve_class(spec: str | int, synonyms: tuple[tuple[str, ...], ...]) -> int
         if not 0 <= index < len(synonyms):
             raise ValueError(f"class index {index} is out of range: the model has classes 0..{len(synonyms) - 1}")
         return index
-    index_of = {name.lower(): i for i, names in enumerate(synonyms) for name in reversed(names)}
-    if text.lower() in index_of:
-        return index_of[text.lower()]
-    close = difflib.get_close_matches(text.lower(), list(index_of), n=5, cutoff=0.6)
+    indices_of: dict[str, list[int]] = {}
+    for i, names in enumerate(synonyms):
+        for name in names:
+            indices_of.setdefault(name.lower(), []).append(i)
+    matches = indices_of.get(text.lower(), [])
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"class name {text!r} is ambiguous: classes {', '.join(map(str, matches))}; give the index")
+    close = difflib.get_close_matches(text.lower(), list(indices_of), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(repr(c) for c in close)}?" if close else " Give the class index instead."
     raise ValueError(f"unknown class name {text!r}.{hint}")

@@ -49,6 +49,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def prediction_record(probabilities: torch.Tensor, target: int | None, class_names: Sequence[str]) -> dict:
+    """Manifest fields for one output: the target and the model's top-1 (``None`` for a headless model)."""
+    predicted = int(probabilities.argmax()) if class_names else None
+    return {
+        "target_name": None if target is None else class_names[target],
+        "target_probability": None if target is None else float(probabilities[target]),
+        "predicted": predicted,
+        "predicted_name": None if predicted is None else class_names[predicted],
+        "probability": None if predicted is None else float(probabilities[predicted]),
+    }
+
+
 def explain_paths(
     explainer: Explainer,
     paths: Sequence[Path],
@@ -72,19 +84,12 @@ def explain_paths(
         masks = explanation.masks.cpu().numpy()
         targets = None if explanation.targets is None else explanation.targets.cpu()
         for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
-            predicted = int(probabilities[row].argmax())
             for column in range(masks.shape[1]):
                 target = None if targets is None else int(targets[row, column])
                 params = {"fusion": explainer.fusion, "discard_ratio": explainer.discard_ratio, "target": target}
-                record = {
-                    "target_name": None if target is None else class_names[target],
-                    "target_probability": None if target is None else float(probabilities[row, target]),
-                    "predicted": predicted,
-                    "predicted_name": class_names[predicted],
-                    "probability": float(probabilities[row, predicted]),
-                }
                 mask = masks[row, column]
                 image = overlay(original, mask, render.colormap, render.alpha)
+                record = prediction_record(probabilities[row], target, class_names)
                 summary.records.append(
                     writer.write(path, explainer.name, params, image, mask if render.save_raw else None, record)
                 )

@@ -1,0 +1,159 @@
+"""Attention capture on real timm architectures (random init): exactness, layout, readout, gradients."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vitexplain import AttentionRollout, GradientRollout, capture_attention, load_model, preprocessing_for
+from vitexplain.capture import attention_modules
+
+# (model name, create_model kwargs, prefix tokens, grid, protected readout tokens)
+ARCHITECTURES = [
+    ("deit_tiny_patch16_224", {}, 1, (14, 14), (0,)),
+    ("deit_tiny_distilled_patch16_224", {}, 2, (14, 14), (0, 1)),
+    ("vit_small_patch14_reg4_dinov2", {"img_size": 70, "num_classes": 10}, 5, (5, 5), (0,)),
+    ("test_vit", {"reg_tokens": 4}, 5, (10, 10), (0,)),
+    ("test_vit2", {}, 1, (10, 10), ()),  # global average pooling, one register token, no CLS
+    ("test_vit3", {}, 1, (10, 10), ()),  # attention-pool ('map') head
+    ("test_vit", {"img_size": (96, 64)}, 1, (6, 4), (0,)),  # non-square, non-224
+    ("test_vit4", {"img_size": 112}, 1, (7, 7), ()),
+]
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES, ids=lambda a: f"{a[0]}{a[1] or ''}")
+def architecture(request):
+    name, kwargs, prefix, grid, protected = request.param
+    model = load_model(name, pretrained=False, **kwargs)
+    return model, prefix, grid, protected
+
+
+def images_for(model, batch=2, seed=0):
+    height, width = preprocessing_for(model).size
+    return torch.randn(batch, 3, height, width, generator=torch.Generator().manual_seed(seed))
+
+
+def test_capture_leaves_logits_unchanged(architecture):
+    model, *_ = architecture
+    images = images_for(model)
+    with torch.no_grad():
+        fused_logits = model(images)
+    modules = attention_modules(model)
+    assert all(m.fused_attn for m in modules)  # timm's default: fused scaled_dot_product_attention
+    captured = capture_attention(model, images)
+    assert all(m.fused_attn for m in modules)  # restored afterwards
+    torch.testing.assert_close(captured.logits, fused_logits, rtol=1e-5, atol=1e-5)  # fused vs explicit: rounding only
+    for m in modules:
+        m.fused_attn = False
+    try:
+        with torch.no_grad():
+            explicit_logits = model(images)
+    finally:
+        for m in modules:
+            m.fused_attn = True
+    assert torch.equal(captured.logits, explicit_logits)  # the recording hooks change nothing
+
+
+def test_layout_and_readout(architecture):
+    model, prefix, grid, protected = architecture
+    images = images_for(model)
+    captured = capture_attention(model, images)
+    layout = captured.layout
+    assert (layout.num_prefix_tokens, layout.grid, layout.protected_tokens) == (prefix, grid, protected)
+    assert len(captured.attentions) == len(model.blocks)
+    heads = model.blocks[0].attn.num_heads
+    for attention in captured.attentions:
+        assert attention.shape == (2, heads, layout.num_tokens, layout.num_tokens)
+        torch.testing.assert_close(attention.sum(-1), torch.ones(2, heads, layout.num_tokens))
+    torch.testing.assert_close(captured.readout.sum(-1), torch.ones(2))
+    assert (captured.readout >= 0).all()
+
+
+def test_masks_are_grid_shaped_and_batch_independent(architecture):
+    model, _, grid, _ = architecture
+    images = images_for(model, batch=4)
+    for explainer in (AttentionRollout(model, "max", 0.0), GradientRollout(model, "mean", 0.9)):
+        batched = explainer(images)
+        assert batched.shape == (4, *grid)
+        torch.testing.assert_close(batched.amax(dim=(1, 2)), torch.ones(4))
+        singles = torch.cat([explainer(images[i:i + 1]) for i in range(4)])
+        torch.testing.assert_close(batched, singles, rtol=1e-4, atol=1e-5)
+
+
+def test_captured_attention_equals_attention_recomputed_from_qkv():
+    model = load_model("deit_tiny_patch16_224", pretrained=False)
+    images = images_for(model, batch=2)
+    block_inputs = []
+    hooks = [b.attn.register_forward_pre_hook(lambda _m, args: block_inputs.append(args[0])) for b in model.blocks]
+    try:
+        captured = capture_attention(model, images)
+    finally:
+        for h in hooks:
+            h.remove()
+    for block, x, attention in zip(model.blocks, block_inputs, captured.attentions):
+        attn = block.attn
+        batch, n, _ = x.shape
+        qkv = attn.qkv(x).reshape(batch, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = qkv[0], qkv[1]
+        expected = (q @ k.transpose(-2, -1) / attn.head_dim ** 0.5).softmax(-1)
+        torch.testing.assert_close(attention, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_map_readout_is_the_pool_attention():
+    model = load_model("test_vit3", pretrained=False)
+    images = images_for(model, batch=2)
+    captured = capture_attention(model, images)
+    pool = model.attn_pool
+    pool.fused_attn = False
+    weights = []
+    original_softmax = torch.Tensor.softmax
+    # the explicit path of AttentionPoolLatent computes attn.softmax(dim=-1): intercept it once
+    torch.Tensor.softmax = lambda self, *a, **k: weights.append(original_softmax(self, *a, **k)) or weights[-1]
+    try:
+        with torch.no_grad():
+            pool(model.forward_features(images))
+    finally:
+        torch.Tensor.softmax = original_softmax
+        pool.fused_attn = True
+    torch.testing.assert_close(captured.readout, weights[-1].mean(dim=(1, 2)), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(captured.readout, torch.full_like(captured.readout, 1 / captured.readout.shape[1]))
+
+
+def test_gradients_arrive_in_layer_order_and_match_finite_differences():
+    """∂y_c/∂A_l[b,h,i,j] equals (y(A_l + ε·e) − y(A_l − ε·e)) / 2ε for every layer l."""
+    model = load_model("test_vit", pretrained=False).double()
+    images = images_for(model, batch=2).double()
+    captured = capture_attention(model, images, with_grad=True)
+    target = torch.tensor([3, 1])
+    gradients = captured.gradients(target)
+    epsilon, entry = 1e-6, (1, 1, 0, 5)  # batch 1, head 1, CLS row, token 5
+
+    def logit_with_perturbation(layer: int, delta: float) -> float:
+        def perturb(_m, _i, out):
+            out = out.clone()
+            out[entry] += delta
+            return out
+        hook = model.blocks[layer].attn.attn_drop.register_forward_hook(perturb)
+        try:
+            return float(capture_attention(model, images).logits[1, 1])
+        finally:
+            hook.remove()
+
+    numeric = [(logit_with_perturbation(l, epsilon) - logit_with_perturbation(l, -epsilon)) / (2 * epsilon)
+               for l in range(len(model.blocks))]
+    analytic = [float(g[entry]) for g in gradients]
+    assert numeric == pytest.approx(analytic, rel=1e-5, abs=1e-9)
+    assert len(set(round(a, 12) for a in analytic)) == len(analytic)  # layers distinguishable: order is checked
+    assert all(float(g[0].abs().sum()) > 0 for g in gradients)
+
+
+def test_gradient_rollout_defaults_to_top1_and_honours_targets():
+    model = load_model("test_vit", pretrained=False)
+    images = images_for(model, batch=3)
+    explanation = GradientRollout(model).explain(images)
+    torch.testing.assert_close(explanation.targets[:, 0], explanation.logits.argmax(-1))
+    several = GradientRollout(model).explain(images, [7, explanation.logits.argmax(-1)])
+    assert several.masks.shape == (3, 2, 10, 10)
+    assert several.targets[:, 0].tolist() == [7, 7, 7]
+    torch.testing.assert_close(several.masks[:, 1], explanation.masks[:, 0])
+    torch.testing.assert_close(GradientRollout(model)(images, target=7), several.masks[:, 0])
+    assert not torch.allclose(several.masks[:, 0], several.masks[:, 1])

@@ -1,0 +1,170 @@
+"""The math of rollout and gradient rollout, on hand-computed cases and a full-matrix reference."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import random_attention
+from vitexplain.methods import TokenLayout, attention_rollout, fuse_heads, gradient_rollout
+from vitexplain.methods.base import add_residual, discard_lowest, rollout_readout, to_mask
+
+CLS = TokenLayout(num_prefix_tokens=1, grid=(1, 2), protected_tokens=(0,))
+E0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+
+
+def test_hand_computed_three_tokens_two_layers():
+    # Â = (A + I) / 2 since rows of A sum to 1.
+    # Â1 = [[.75,.25,0],[0,1,0],[0,0,1]], Â2 = [[.5,0,.5],[0,1,0],[0,0,1]]
+    # e0ᵀ Â2 Â1 = [.5, 0, .5] Â1 = [.375, .125, .5] → patches [.125, .5] → /max → [.25, 1]
+    a1 = torch.tensor([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    a2 = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], dtype=torch.float64)
+    attentions = [a1.view(1, 1, 3, 3), a2.view(1, 1, 3, 3)]
+    values = rollout_readout([add_residual(a[:, 0]) for a in attentions], E0)
+    torch.testing.assert_close(values, torch.tensor([[0.375, 0.125, 0.5]], dtype=torch.float64))
+    mask = attention_rollout(attentions, E0, CLS, fusion="mean", discard_ratio=0.0)
+    torch.testing.assert_close(mask, torch.tensor([[[0.25, 1.0]]]), rtol=0, atol=1e-7)
+
+
+def test_hand_computed_fusion_and_discard():
+    heads = torch.tensor([[[0.2, 0.3, 0.5], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]],
+                          [[0.4, 0.4, 0.2], [0.3, 0.3, 0.4], [0.2, 0.7, 0.1]]]).unsqueeze(0)
+    torch.testing.assert_close(fuse_heads(heads, "max")[0], torch.tensor([[0.4, 0.4, 0.5], [0.3, 0.3, 0.8], [0.6, 0.7, 0.1]]))
+    torch.testing.assert_close(fuse_heads(heads, "min")[0], torch.tensor([[0.2, 0.3, 0.2], [0.1, 0.1, 0.4], [0.2, 0.3, 0.1]]))
+    torch.testing.assert_close(fuse_heads(heads, "mean")[0], torch.tensor([[0.3, 0.35, 0.35], [0.2, 0.2, 0.6], [0.4, 0.5, 0.1]]))
+    # min fusion; ratio 0.5 of 9 entries → the 4 smallest besides CLS→CLS (0.2 at (0,0) is protected):
+    # 0.1, 0.1, 0.1 and then the lowest 0.2 other than (0,0), which is (0,2) or (2,0) — values tie; check count + protection.
+    discarded = discard_lowest(fuse_heads(heads, "min"), 0.5, protected=(0,))[0]
+    assert discarded[0, 0] == pytest.approx(0.2)
+    assert int((discarded == 0).sum()) == 4
+    assert discarded[1, 2] == pytest.approx(0.4) and discarded[0, 1] == pytest.approx(0.3)
+
+
+def test_discard_counts_and_protects_cls_even_when_smallest():
+    fused = torch.arange(16, dtype=torch.float32).view(1, 4, 4)  # (0,0) holds the smallest value 0
+    fused[0, 0, 0] = -1.0
+    out = discard_lowest(fused, 0.5, protected=(0,))
+    assert out[0, 0, 0] == -1.0
+    # ⌊0.5·16⌋ = 8 smallest among the others: values 1..8 zeroed, 9..15 kept
+    expected = torch.arange(16, dtype=torch.float32)
+    expected[1:9] = 0
+    expected[0] = -1
+    torch.testing.assert_close(out.view(-1), expected)
+
+
+def test_discard_is_per_sample():
+    fused = random_attention(3, 1, 6)[:, 0]
+    batched = discard_lowest(fused, 0.7, protected=(0,))
+    for i in range(3):
+        torch.testing.assert_close(batched[i], discard_lowest(fused[i:i + 1], 0.7, protected=(0,))[0])
+    # the zeroed positions differ between samples (the original bug applied item 0's to all)
+    assert not torch.equal(batched[0] == 0, batched[1] == 0)
+
+
+@pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
+def test_discard_ratio_outside_unit_interval_is_rejected(ratio):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        discard_lowest(torch.ones(1, 3, 3), ratio)
+
+
+def test_residual_rows_are_stochastic_not_columns():
+    fused = torch.tensor([[[0.0, 3.0, 1.0], [0.0, 0.0, 0.0], [2.0, 2.0, 4.0]]])
+    transition = add_residual(fused)
+    torch.testing.assert_close(transition.sum(-1), torch.ones(1, 3))
+    torch.testing.assert_close(transition[0, 0], torch.tensor([1 / 5, 3 / 5, 1 / 5]))
+    torch.testing.assert_close(transition[0, 1], torch.tensor([0.0, 1.0, 0.0]))
+    assert not torch.allclose(transition.sum(-2), torch.ones(1, 3))
+
+
+def reference_rollout(attentions, fusion, ratio, prefix, grid):
+    """Straightforward full-matrix rollout with per-sample python discard (no shared code)."""
+    batch, _, n, _ = attentions[0].shape
+    masks = []
+    for b in range(batch):
+        result = np.eye(n)
+        for layer in attentions:
+            heads = layer[b].double().numpy()
+            fused = {"mean": heads.mean(0), "max": heads.max(0), "min": heads.min(0)}[fusion]
+            flat = fused.flatten().copy()
+            order = [i for i in np.argsort(flat, kind="stable") if i != 0][: int(n * n * ratio)]
+            flat[order] = 0
+            a = flat.reshape(n, n) + np.eye(n)
+            a = a / a.sum(axis=-1, keepdims=True)
+            result = a @ result
+        row = result[0, prefix:]
+        masks.append((row / row.max()).reshape(grid))
+    return torch.tensor(np.stack(masks))
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("ratio", [0.0, 0.5, 0.9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_full_matrix_reference(fusion, ratio, seed):
+    generator = torch.Generator().manual_seed(seed)
+    layout = TokenLayout(num_prefix_tokens=2, grid=(3, 4), protected_tokens=(0,))
+    attentions = [random_attention(3, 4, layout.num_tokens, generator) for _ in range(5)]
+    readout = torch.zeros(3, layout.num_tokens, dtype=torch.float64)
+    readout[:, 0] = 1
+    mask = attention_rollout(attentions, readout, layout, fusion, ratio)
+    torch.testing.assert_close(mask.double(), reference_rollout(attentions, fusion, ratio, 2, (3, 4)), atol=1e-6, rtol=1e-5)
+
+
+def test_rollout_readout_is_row_of_full_product():
+    generator = torch.Generator().manual_seed(3)
+    transitions = [add_residual(random_attention(2, 1, 7, generator)[:, 0]) for _ in range(4)]
+    full = torch.eye(7, dtype=torch.float64).expand(2, 7, 7)
+    for t in transitions:
+        full = t @ full
+    readout = torch.softmax(torch.randn(2, 7, generator=generator, dtype=torch.float64), -1)
+    torch.testing.assert_close(rollout_readout(transitions, readout), torch.einsum("bn,bnm->bm", readout, full))
+    # the product of row-stochastic matrices is row-stochastic: a readout distribution stays one
+    torch.testing.assert_close(rollout_readout(transitions, readout).sum(-1), torch.ones(2, dtype=torch.float64))
+
+
+def test_batch_equals_singles():
+    layout = TokenLayout(1, (2, 3), (0,))
+    attentions = [random_attention(4, 3, 7) for _ in range(3)]
+    gradients = [torch.randn_like(a) for a in attentions]
+    readout = torch.zeros(4, 7, dtype=torch.float64)
+    readout[:, 0] = 1
+    batched = gradient_rollout(attentions, gradients, readout, layout, "max", 0.6)
+    for i in range(4):
+        single = gradient_rollout([a[i:i + 1] for a in attentions], [g[i:i + 1] for g in gradients],
+                                  readout[i:i + 1], layout, "max", 0.6)
+        torch.testing.assert_close(batched[i:i + 1], single)
+
+
+def test_gradient_rollout_clamps_per_head_before_fusion():
+    # one layer, two heads: A ⊙ G = [+x, -x] per entry: clamping first keeps x/2, fusing first would give 0
+    layout = TokenLayout(1, (1, 2), (0,))
+    attention = torch.full((1, 2, 3, 3), 1 / 3, dtype=torch.float64)
+    gradient = torch.zeros_like(attention)
+    gradient[0, 0, 0, 2], gradient[0, 1, 0, 2] = 3.0, -3.0
+    gradient[0, 0, 0, 1], gradient[0, 1, 0, 1] = -3.0, -3.0
+    mask = gradient_rollout([attention], [gradient], E0.clone(), layout, "mean", 0.0)
+    # fused row 0 = [0, 0, 0.5]; + I → [1, 0, .5] / 1.5 → patches [0, 1/3] → [0, 1]
+    torch.testing.assert_close(mask, torch.tensor([[[0.0, 1.0]]]))
+
+
+def test_gradient_rollout_with_unit_gradients_equals_rollout():
+    layout = TokenLayout(1, (2, 2), (0,))
+    attentions = [random_attention(2, 3, 5) for _ in range(3)]
+    readout = torch.zeros(2, 5, dtype=torch.float64)
+    readout[:, 0] = 1
+    ones = [torch.ones_like(a) for a in attentions]
+    torch.testing.assert_close(gradient_rollout(attentions, ones, readout, layout, "min", 0.3),
+                               attention_rollout(attentions, readout, layout, "min", 0.3))
+
+
+def test_mask_is_scaled_to_max_one_and_shaped_as_grid():
+    layout = TokenLayout(3, (2, 5), ())
+    values = torch.rand(4, 13)
+    mask = to_mask(values, layout)
+    assert mask.shape == (4, 2, 5)
+    torch.testing.assert_close(mask.amax(dim=(1, 2)), torch.ones(4))
+    torch.testing.assert_close(mask[1].flatten(), values[1, 3:] / values[1, 3:].max())
+
+
+def test_unknown_fusion_is_rejected():
+    with pytest.raises(ValueError, match="mean, max, min"):
+        fuse_heads(torch.ones(1, 2, 3, 3), "median")

@@ -1,0 +1,73 @@
+"""Colormaps, overlays, image discovery and preprocessing."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image
+from vitexplain.data import find_images, InputError, to_model_input
+from vitexplain.models import Preprocessing
+from vitexplain.render import COLORMAPS, colormap_table, overlay, upsample_mask
+from vitexplain.writer import format_params, output_stems
+
+
+@pytest.mark.parametrize("name", COLORMAPS)
+def test_colormap_tables_run_from_first_to_last_anchor(name):
+    table = colormap_table(name)
+    assert table.shape == (256, 3) and table.dtype == np.uint8
+    assert len({tuple(c) for c in table}) > 100  # a ramp, not a few flat bands
+
+
+def test_jet_and_gray_endpoints():
+    assert colormap_table("gray")[0].tolist() == [0, 0, 0] and colormap_table("gray")[-1].tolist() == [255, 255, 255]
+    assert colormap_table("jet")[0].tolist() == [0, 0, 127] and colormap_table("jet")[-1].tolist() == [127, 0, 0]
+
+
+def test_overlay_blends_at_image_size():
+    image = np.full((30, 50, 3), 100, dtype=np.uint8)
+    mask = np.array([[0.0, 1.0]])
+    assert np.array_equal(overlay(image, mask, "gray", alpha=0.0), image)
+    heat = overlay(image, mask, "gray", alpha=1.0)
+    assert heat.shape == (30, 50, 3)
+    assert heat[:, 0].max() == 0 and heat[:, -1].min() == 255  # left patch 0 → black, right patch 1 → white
+    half = overlay(image, np.ones((2, 2)), "gray", alpha=0.5)
+    assert np.all(half == 178)  # round(0.5·100 + 0.5·255) = 177.5 → 178
+    with pytest.raises(ValueError, match="alpha"):
+        overlay(image, mask, alpha=1.5)
+
+
+def test_upsample_keeps_values_in_unit_range():
+    up = upsample_mask(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), (7, 9))
+    assert up.shape == (7, 9) and up.min() >= 0 and up.max() <= 1
+
+
+def test_find_images_recurses_filters_and_deduplicates(tmp_path):
+    write_image(tmp_path / "b.png")
+    write_image(tmp_path / "a" / "c.JPG")
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    found = find_images([tmp_path, tmp_path / "b.png"])
+    assert found == [tmp_path / "a" / "c.JPG", tmp_path / "b.png"]
+    with pytest.raises(InputError, match="does not exist"):
+        find_images([tmp_path / "nope"])
+
+
+def test_model_input_is_whole_image_resized_and_normalised():
+    prep = Preprocessing(size=(4, 6), mean=(0.5, 0.5, 0.5), std=(0.25, 0.5, 1.0))
+    rgb = np.zeros((10, 20, 3), dtype=np.uint8)
+    rgb[..., 0] = 255
+    x = to_model_input(rgb, prep)
+    assert x.shape == (3, 4, 6)
+    torch.testing.assert_close(x[0], torch.full((4, 6), 2.0))  # (1 - .5) / .25
+    torch.testing.assert_close(x[1], torch.full((4, 6), -1.0))  # (0 - .5) / .5
+    torch.testing.assert_close(x[2], torch.full((4, 6), -0.5))
+
+
+def test_output_names():
+    from pathlib import Path
+
+    assert format_params({"fusion": "max", "discard_ratio": 0.9, "target": 243}) == "max_d0.9_c243"
+    assert format_params({"fusion": "mean", "discard_ratio": 0.0, "target": None}) == "mean_d0"
+    stems = output_stems([Path("x/cat.png"), Path("y/cat.png"), Path("y/dog.png")])
+    assert stems[Path("y/dog.png")] == "dog"
+    assert stems[Path("x/cat.png")] != stems[Path("y/cat.png")] and stems[Path("x/cat.png")].startswith("cat-")
