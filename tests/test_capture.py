@@ -152,8 +152,8 @@ def test_gradient_rollout_defaults_to_top1_and_honours_targets():
     explanation = GradientRollout(model).explain(images)
     torch.testing.assert_close(explanation.targets[:, 0], explanation.logits.argmax(-1))
     several = GradientRollout(model).explain(images, [7, explanation.logits.argmax(-1)])
-    assert several.masks.shape == (3, 2, 10, 10)
+    assert several.masks.shape == (3, 2, 1, 10, 10)
     assert several.targets[:, 0].tolist() == [7, 7, 7]
     torch.testing.assert_close(several.masks[:, 1], explanation.masks[:, 0])
-    torch.testing.assert_close(GradientRollout(model)(images, target=7), several.masks[:, 0])
+    torch.testing.assert_close(GradientRollout(model)(images, target=7), several.masks[:, 0, 0])
     assert not torch.allclose(several.masks[:, 0], several.masks[:, 1])

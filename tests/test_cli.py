@@ -95,6 +95,7 @@ def test_bad_inputs_are_usage_errors_without_traceback(tmp_path, save_test_vit):
         (["grad-rollout", image, "--class", "9", *common], 2, "out of range"),
         (["rollout", image, "--model", "deit_tiny_patch16_22"], 1, "Did you mean"),
         (["rollout", tmp_path / "out_empty", *common], 2, "no images found"),
+        (["rollout", image, "--class", "3", *common], 2, "No such option: --class"),
     ]
     (tmp_path / "out_empty").mkdir()
     for args, code, message in cases:

@@ -34,8 +34,8 @@ def test_top1_is_bull_mastiff_with_tiger_cat_in_top3(deit_and_image):
 def test_gradient_rollout_is_class_specific(deit_and_image, fusion):
     model, image = deit_and_image
     explanation = GradientRollout(model, fusion=fusion, discard_ratio=0.9).explain(image, [BULL_MASTIFF, TIGER_CAT])
-    dog_upper, dog_lower = halves(explanation.masks[0, 0])
-    cat_upper, cat_lower = halves(explanation.masks[0, 1])
+    dog_upper, dog_lower = halves(explanation.masks[0, 0, 0])
+    cat_upper, cat_lower = halves(explanation.masks[0, 1, 0])
     assert dog_upper > dog_lower, (dog_upper, dog_lower)
     assert cat_lower > cat_upper, (cat_upper, cat_lower)
 

@@ -1,9 +1,9 @@
 """``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
-from __future__ import annotations
 
+import inspect
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -100,53 +100,44 @@ def progress_bar() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
-@app.command()
-def rollout(
-    inputs: Inputs,
-    out: OutDir = Path("vitexplain-out"),
-    model: ModelName = DEFAULT_MODEL,
-    checkpoint: CheckpointPath = None,
-    fusion: FusionOpt = FusionChoice.mean,
-    discard_ratio: DiscardOpt = 0.9,
-    batch_size: BatchOpt = 8,
-    device: DeviceOpt = DeviceChoice.auto,
-    num_workers: WorkersOpt = 0,
-    colormap: ColormapOpt = ColormapChoice.jet,
-    alpha: AlphaOpt = 0.5,
-    save_raw: SaveRawOpt = False,
-) -> None:
-    """Attention Rollout (Abnar & Zuidema 2020): class-agnostic map of what the prediction draws on.
+def explain_command(method: str) -> Callable[..., None]:
+    """A subcommand running ``method``; options a method does not take are left out of its signature."""
 
-    Per layer: fuse heads, zero the lowest --discard-ratio of entries, add the identity (residual)
-    and normalise rows; multiply the layers and read the CLS row over the patches.
-    """
-    run_method("rollout", inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
-               device.value, num_workers, colormap.value, alpha, save_raw)
+    def command(
+        inputs: Inputs,
+        classes: ClassOpt = None,
+        out: OutDir = Path("vitexplain-out"),
+        model: ModelName = DEFAULT_MODEL,
+        checkpoint: CheckpointPath = None,
+        fusion: FusionOpt = FusionChoice.mean,
+        discard_ratio: DiscardOpt = 0.9,
+        batch_size: BatchOpt = 8,
+        device: DeviceOpt = DeviceChoice.auto,
+        num_workers: WorkersOpt = 0,
+        colormap: ColormapOpt = ColormapChoice.jet,
+        alpha: AlphaOpt = 0.5,
+        save_raw: SaveRawOpt = False,
+    ) -> None:
+        run_method(method, inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
+                   device.value, num_workers, colormap.value, alpha, save_raw, classes)
+
+    signature = inspect.signature(command)
+    unused = set() if EXPLAINERS[method].class_specific else {"classes"}
+    command.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items() if n not in unused])
+    command.__name__ = method.replace("-", "_")
+    return command
 
 
-@app.command("grad-rollout")
-def grad_rollout(
-    inputs: Inputs,
-    classes: ClassOpt = None,
-    out: OutDir = Path("vitexplain-out"),
-    model: ModelName = DEFAULT_MODEL,
-    checkpoint: CheckpointPath = None,
-    fusion: FusionOpt = FusionChoice.mean,
-    discard_ratio: DiscardOpt = 0.9,
-    batch_size: BatchOpt = 8,
-    device: DeviceOpt = DeviceChoice.auto,
-    num_workers: WorkersOpt = 0,
-    colormap: ColormapOpt = ColormapChoice.jet,
-    alpha: AlphaOpt = 0.5,
-    save_raw: SaveRawOpt = False,
-) -> None:
-    """Gradient Attention Rollout: where the evidence for one class is.
+ROLLOUT_HELP = """Attention Rollout (Abnar & Zuidema 2020): class-agnostic map of what the prediction draws on.
 
-    Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out
-    as in `rollout`. One output per image and --class.
-    """
-    run_method("grad-rollout", inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
-               device.value, num_workers, colormap.value, alpha, save_raw, classes)
+Per layer: fuse heads (--fusion), zero the lowest --discard-ratio of entries, add the identity (residual) and normalise rows; multiply the layers and read the CLS row over the patches.
+"""
+GRAD_ROLLOUT_HELP = """Gradient Attention Rollout: where the evidence for one class is.
+
+Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out as in rollout. One output per image and --class.
+"""
+app.command("rollout", help=ROLLOUT_HELP)(explain_command("rollout"))
+app.command("grad-rollout", help=GRAD_ROLLOUT_HELP)(explain_command("grad-rollout"))
 
 
 def main() -> None:

@@ -3,6 +3,10 @@
 >>> explainer = AttentionRollout(model, fusion="max", discard_ratio=0.9)
 >>> masks = explainer(images)          # (B, gh, gw), each scaled to max 1
 >>> masks = GradientRollout(model)(images, target=243)
+
+Every method captures once per batch, builds fused per-layer maps once per
+target, and only then applies the cheap, ratio-dependent part — so a sweep over
+many discard ratios costs one forward (and one backward) pass.
 """
 from __future__ import annotations
 
@@ -13,14 +17,14 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, capture_attention
-from .methods.base import Fusion, check_discard_ratio, fuse_heads
-from .methods.grad_rollout import gradient_rollout
-from .methods.rollout import attention_rollout
+from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, rollout_masks
+from .methods.grad_rollout import gradient_weighting
+from .methods.rollout import rollout_weighting
 
 
 @dataclass
 class Explanation:
-    """Masks ``(B, T, gh, gw)`` for ``T`` targets per image, with the model's prediction.
+    """Masks ``(B, T, R, gh, gw)`` for ``T`` targets and ``R`` discard ratios per image.
 
     ``targets`` is ``(B, T)`` class indices, or ``None`` for class-agnostic methods.
     """
@@ -28,6 +32,7 @@ class Explanation:
     masks: Tensor
     logits: Tensor
     targets: Tensor | None
+    discard_ratios: tuple[float, ...]
 
     @property
     def probabilities(self) -> Tensor:
@@ -35,7 +40,7 @@ class Explanation:
 
 
 class Explainer:
-    """Shared base: capture once per batch, compute masks per target."""
+    """Shared base: capture → fused per-layer maps (per target) → masks (per discard ratio)."""
 
     name = "explainer"
     class_specific = False
@@ -49,13 +54,39 @@ class Explainer:
     def capture(self, images: Tensor) -> Capture:
         return capture_attention(self.model, images, with_grad=self.class_specific)
 
-    def explain(self, images: Tensor, classes: Sequence[int] | None = None) -> Explanation:
+    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
+        """Head-fused per-layer maps ``L × (B, N, N)`` for one ``(B,)`` target (or none)."""
         raise NotImplementedError
+
+    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratio: float) -> Tensor:
+        """Masks ``(B, gh, gw)`` from fused maps: discard, residual, roll out."""
+        return rollout_masks(fused, capture.readout, capture.layout, discard_ratio)
+
+    def explain(self, images: Tensor, classes: Sequence[int | Tensor] | None = None,
+                discard_ratios: Sequence[float] | None = None) -> Explanation:
+        """Masks for each class in ``classes`` (class-specific methods; default top-1) and each ratio."""
+        ratios = tuple(check_discard_ratio(r) for r in (discard_ratios or (self.discard_ratio,)))
+        capture = self.capture(images)
+        logits = capture.logits.detach()
+        targets = self.targets(logits, classes)
+        per_target = []
+        for i, target in enumerate(targets):
+            fused = self.fused_layers(capture, target, retain_graph=i < len(targets) - 1)
+            per_target.append(torch.stack([self.masks(fused, capture, r) for r in ratios], dim=1))
+        stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)
+        return Explanation(torch.stack(per_target, dim=1), logits, stacked_targets, ratios)
+
+    def targets(self, logits: Tensor, classes: Sequence[int | Tensor] | None) -> list[Tensor | None]:
+        if not self.class_specific:
+            return [None]
+        if not classes:
+            return [logits.argmax(dim=-1)]
+        return [target_tensor(c, logits.shape[0], logits.device) for c in classes]
 
     def __call__(self, images: Tensor, target: int | Tensor | None = None) -> Tensor:
         """Masks ``(B, gh, gw)``; ``target`` (class-specific methods only) defaults to each image's top-1."""
         classes = None if target is None else [target]
-        return self.explain(images, classes).masks[:, 0]
+        return self.explain(images, classes).masks[:, 0, 0]
 
 
 class AttentionRollout(Explainer):
@@ -63,10 +94,8 @@ class AttentionRollout(Explainer):
 
     name = "rollout"
 
-    def explain(self, images: Tensor, classes: Sequence[int] | None = None) -> Explanation:
-        cap = self.capture(images)
-        masks = attention_rollout(cap.attentions, cap.readout, cap.layout, self.fusion, self.discard_ratio)
-        return Explanation(masks.unsqueeze(1), cap.logits.detach(), None)
+    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
+        return fuse_layers(rollout_weighting(capture.attentions), self.fusion)
 
 
 class GradientRollout(Explainer):
@@ -75,17 +104,10 @@ class GradientRollout(Explainer):
     name = "grad-rollout"
     class_specific = True
 
-    def explain(self, images: Tensor, classes: Sequence[int | Tensor] | None = None) -> Explanation:
-        """One backward pass per class in ``classes`` (each an index or a ``(B,)`` tensor); default top-1."""
-        cap = self.capture(images)
-        logits = cap.logits.detach()
-        targets = [logits.argmax(dim=-1)] if not classes else [target_tensor(c, len(images), logits.device) for c in classes]
-        attentions = [a.detach() for a in cap.attentions]
-        masks = []
-        for i, target in enumerate(targets):
-            gradients = cap.gradients(target, retain_graph=i < len(targets) - 1)
-            masks.append(gradient_rollout(attentions, gradients, cap.readout, cap.layout, self.fusion, self.discard_ratio))
-        return Explanation(torch.stack(masks, dim=1), logits, torch.stack(targets, dim=1))
+    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
+        gradients = capture.gradients(target, retain_graph=retain_graph)
+        attentions = [a.detach() for a in capture.attentions]
+        return fuse_layers(gradient_weighting(attentions, gradients), self.fusion)
 
 
 def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:

@@ -81,7 +81,7 @@ def explain_paths(
     for batch in loader:
         explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), classes)
         probabilities = explanation.probabilities.cpu()
-        masks = explanation.masks.cpu().numpy()
+        masks = explanation.masks[:, :, 0].cpu().numpy()
         targets = None if explanation.targets is None else explanation.targets.cpu()
         for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
             for column in range(masks.shape[1]):
