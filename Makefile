@@ -11,7 +11,7 @@ OUT ?= vitexplain-out
 # Extra pip arguments, e.g. a torch build: PIP_EXTRA="torch==2.14.1 torchvision==0.29.1"
 PIP_EXTRA ?=
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 $(BIN)/vitexplain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python benchmarks/flow.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -83,6 +83,26 @@ def test_grad_rollout_one_output_per_class(tmp_path, folder, save_test_vit):
     np.testing.assert_allclose(np.load(entries[0]["raw"]), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_flow_command_matches_the_api_and_stretches_overlays(tmp_path, folder, save_test_vit):
+    from vitexplain import AttentionFlow
+    from vitexplain.render import overlay
+
+    model, checkpoint = save_test_vit()
+    out = tmp_path / "out"
+    image_path = folder / "sub" / "dog.png"
+    result = invoke("flow", image_path, "--model", "test_vit", "--checkpoint", checkpoint, "-o", out,
+                    "--discard-ratio", "0.5", "--save-raw", "--colormap", "gray")
+    assert result.exit_code == 0, result.output
+    (entry,) = manifest(out)
+    assert entry["method"] == "flow" and entry["overlay"].endswith("dog_flow_mean_d0.5.png")
+    original = load_rgb(image_path)
+    expected = AttentionFlow(model.eval(), discard_ratio=0.5)(to_model_input(original, preprocessing_for(model))[None])[0]
+    np.testing.assert_allclose(np.load(entry["raw"]), expected.numpy(), rtol=1e-5, atol=1e-6)
+    drawn = iio.imread(entry["overlay"])
+    np.testing.assert_array_equal(drawn, overlay(original, np.load(entry["raw"]), "gray", 0.5, stretch=True))
+    assert not np.array_equal(drawn, overlay(original, np.load(entry["raw"]), "gray", 0.5, stretch=False))
+
+
 def test_bad_inputs_are_usage_errors_without_traceback(tmp_path, save_test_vit):
     _, checkpoint = save_test_vit()
     image = tmp_path / "a.png"

@@ -37,6 +37,17 @@ def test_overlay_blends_at_image_size():
         overlay(image, mask, alpha=1.5)
 
 
+def test_stretch_maps_min_to_first_colour_and_max_to_last():
+    image = np.zeros((10, 20, 3), dtype=np.uint8)
+    mask = np.array([[0.8, 1.0]])
+    stretched = overlay(image, mask, "gray", alpha=1.0, stretch=True)
+    assert stretched[:, 0].max() == 0 and stretched[:, -1].min() == 255
+    plain = overlay(image, mask, "gray", alpha=1.0)
+    assert plain[:, 0].min() == round(0.8 * 255)
+    flat = overlay(image, np.full((2, 2), 0.7), "gray", alpha=1.0, stretch=True)
+    assert flat.max() == 0
+
+
 def test_upsample_keeps_values_in_unit_range():
     up = upsample_mask(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), (7, 9))
     assert up.shape == (7, 9) and up.min() >= 0 and up.max() <= 1

@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from .data import InputError, find_images
 from .explainers import EXPLAINERS
+from .methods.flow import SOLVERS
 from .models import (DEFAULT_MODEL, ModelLoadError, class_names_for, class_synonyms_for, load_model,
                      preprocessing_for, resolve_class)
 from .pipeline import RenderOptions, RunSummary, explain_paths, resolve_device
@@ -28,6 +29,7 @@ console = Console(stderr=True)
 
 FusionChoice = Enum("FusionChoice", {name: name for name in ("mean", "max", "min")}, type=str)
 DeviceChoice = Enum("DeviceChoice", {name: name for name in ("auto", "cpu", "cuda", "mps")}, type=str)
+SolverChoice = Enum("SolverChoice", {name: name for name in SOLVERS}, type=str)
 ColormapChoice = Enum("ColormapChoice", {name: name for name in COLORMAPS}, type=str)
 
 Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively).", show_default=False)]
@@ -47,6 +49,10 @@ WorkersOpt = Annotated[int, typer.Option("--num-workers", "-j", min=0, help="Dat
 ColormapOpt = Annotated[ColormapChoice, typer.Option("--colormap", help="Heatmap colours.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
 SaveRawOpt = Annotated[bool, typer.Option("--save-raw", help="Also save each patch-grid mask as float32 .npy.")]
+StretchOpt = Annotated[
+    bool, typer.Option("--stretch/--no-stretch", help="Spread the colours over each mask's own min..max (overlays only; raw masks keep max 1)."),
+]
+SolverOpt = Annotated[SolverChoice, typer.Option("--solver", help="Max-flow solver: dinic (exact, fast) or networkx (reference, slow).")]
 ClassOpt = Annotated[
     Optional[list[str]],
     typer.Option("--class", "-c", help="Target class: ImageNet index or name ('243', 'tiger cat'); repeat for several. Default: each image's top-1."),
@@ -60,7 +66,8 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def run_method(method: str, inputs: list[Path], out: Path, model: str, checkpoint: Path | None, fusion: str,
                discard_ratio: float, batch_size: int, device: str, num_workers: int, colormap: str,
-               alpha: float, save_raw: bool, classes: list[str] | None = None) -> RunSummary:
+               alpha: float, save_raw: bool, stretch: bool, classes: list[str] | None = None,
+               **method_options) -> RunSummary:
     """Validate options, load the model, stream the images, print a summary."""
     try:
         if not 0.0 <= discard_ratio < 1.0:
@@ -78,12 +85,14 @@ def run_method(method: str, inputs: list[Path], out: Path, model: str, checkpoin
         raise fail(str(error)) from None
     if not paths:
         raise fail("no images found in the given inputs", code=2)
-    explainer = EXPLAINERS[method](network, fusion=fusion, discard_ratio=discard_ratio)
+    explainer = EXPLAINERS[method](network, fusion=fusion, discard_ratio=discard_ratio, **method_options)
     with progress_bar() as progress:
         task = progress.add_task(f"{method}", total=len(paths))
+        within = progress.add_task("  per image", total=None, visible=False)
+        explainer.on_progress = lambda done, total: progress.update(within, completed=done, total=total, visible=True)
         summary = explain_paths(
             explainer, paths, preprocessing_for(network), OutputWriter(out, paths), names, targets,
-            RenderOptions(colormap, alpha, save_raw), batch_size, num_workers, torch_device,
+            RenderOptions(colormap, alpha, save_raw, stretch), batch_size, num_workers, torch_device,
             on_images=lambda n: progress.advance(task, n),
         )
     console.print(
@@ -117,12 +126,15 @@ def explain_command(method: str) -> Callable[..., None]:
         colormap: ColormapOpt = ColormapChoice.jet,
         alpha: AlphaOpt = 0.5,
         save_raw: SaveRawOpt = False,
+        stretch: StretchOpt = EXPLAINERS[method].stretch_overlay,
+        solver: SolverOpt = SolverChoice.dinic,
     ) -> None:
+        options = {"solver": solver.value} if "solver" in EXPLAINERS[method].options else {}
         run_method(method, inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
-                   device.value, num_workers, colormap.value, alpha, save_raw, classes)
+                   device.value, num_workers, colormap.value, alpha, save_raw, stretch, classes, **options)
 
     signature = inspect.signature(command)
-    unused = set() if EXPLAINERS[method].class_specific else {"classes"}
+    unused = {"classes", "solver"} - set(EXPLAINERS[method].options)
     command.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items() if n not in unused])
     command.__name__ = method.replace("-", "_")
     return command
@@ -138,6 +150,11 @@ Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fuse
 """
 app.command("rollout", help=ROLLOUT_HELP)(explain_command("rollout"))
 app.command("grad-rollout", help=GRAD_ROLLOUT_HELP)(explain_command("grad-rollout"))
+FLOW_HELP = """Attention Flow (Abnar & Zuidema 2020): max-flow from the CLS token down the layer graph to each patch.
+
+Edges between consecutive layers carry the same residual, row-normalised fused attention that rollout multiplies; a patch's value is the maximum flow that reaches it. Exact (--solver dinic, compiled; or the networkx reference).
+"""
+app.command("flow", help=FLOW_HELP)(explain_command("flow"))
 
 
 def main() -> None:

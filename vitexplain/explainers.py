@@ -11,13 +11,14 @@ many discard ratios costs one forward (and one backward) pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .capture import Capture, capture_attention
-from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, rollout_masks
+from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, rollout_masks, transition_matrices
+from .methods.flow import attention_flow, check_solver
 from .methods.grad_rollout import gradient_weighting
 from .methods.rollout import rollout_weighting
 
@@ -44,6 +45,9 @@ class Explainer:
 
     name = "explainer"
     class_specific = False
+    options: tuple[str, ...] = ()  # method-specific constructor options (CLI flags of the same name)
+    on_progress: Callable[[int, int], None] = staticmethod(lambda done, total: None)  # within-image progress
+    stretch_overlay = False  # draw overlays over the mask's own min..max range by default
 
     def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9):
         fuse_heads(torch.zeros(1, 1, 1, 1), fusion)  # validates the name
@@ -103,11 +107,28 @@ class GradientRollout(Explainer):
 
     name = "grad-rollout"
     class_specific = True
+    options = ("classes",)
 
     def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
         gradients = capture.gradients(target, retain_graph=retain_graph)
         attentions = [a.detach() for a in capture.attentions]
         return fuse_layers(gradient_weighting(attentions, gradients), self.fusion)
+
+
+class AttentionFlow(AttentionRollout):
+    """Attention Flow: max-flow through the layer graph (see :mod:`vitexplain.methods.flow`)."""
+
+    name = "flow"
+    options = ("solver",)
+    stretch_overlay = True  # flow values are high almost everywhere; the contrast is in the differences
+
+    def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9, solver: str = "dinic"):
+        super().__init__(model, fusion, discard_ratio)
+        self.solver = check_solver(solver)
+
+    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratio: float) -> Tensor:
+        transitions = transition_matrices(fused, discard_ratio, capture.layout)
+        return attention_flow(transitions, capture.readout, capture.layout, self.solver, self.on_progress)
 
 
 def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:
@@ -117,4 +138,4 @@ def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:
     return torch.full((batch,), int(target), dtype=torch.long, device=device)
 
 
-EXPLAINERS: dict[str, type[Explainer]] = {cls.name: cls for cls in (AttentionRollout, GradientRollout)}
+EXPLAINERS: dict[str, type[Explainer]] = {cls.name: cls for cls in (AttentionRollout, GradientRollout, AttentionFlow)}

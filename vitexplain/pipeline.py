@@ -20,6 +20,7 @@ class RenderOptions:
     colormap: str = "jet"
     alpha: float = 0.5
     save_raw: bool = False
+    stretch: bool = False
 
 
 @dataclass
@@ -88,7 +89,7 @@ def explain_paths(
                 target = None if targets is None else int(targets[row, column])
                 params = {"fusion": explainer.fusion, "discard_ratio": explainer.discard_ratio, "target": target}
                 mask = masks[row, column]
-                image = overlay(original, mask, render.colormap, render.alpha)
+                image = overlay(original, mask, render.colormap, render.alpha, render.stretch)
                 record = prediction_record(probabilities[row], target, class_names)
                 summary.records.append(
                     writer.write(path, explainer.name, params, image, mask if render.save_raw else None, record)

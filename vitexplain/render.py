@@ -42,10 +42,21 @@ def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
     return table[np.round(values * (len(table) - 1)).astype(np.intp)]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
-    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``."""
+def stretch_contrast(mask: np.ndarray) -> np.ndarray:
+    """Rescale ``mask`` linearly so its minimum maps to 0 and its maximum to 1 (a constant mask maps to 0)."""
+    low, high = float(mask.min()), float(mask.max())
+    return (mask - low) / (high - low) if high > low else np.zeros_like(mask)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+            stretch: bool = False) -> np.ndarray:
+    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``.
+
+    With ``stretch`` the colours span the mask's own range (min → first colour) instead of [0, 1].
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    heat = colorize(upsample_mask(mask, image.shape[:2]), colormap).astype(np.float32)
+    values = np.asarray(mask, dtype=np.float32)
+    heat = colorize(upsample_mask(stretch_contrast(values) if stretch else values, image.shape[:2]), colormap).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
