@@ -1,6 +1,7 @@
 """``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
 
 import inspect
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
@@ -14,7 +15,8 @@ from .explainers import EXPLAINERS
 from .methods.flow import SOLVERS
 from .models import (DEFAULT_MODEL, ModelLoadError, class_names_for, class_synonyms_for, load_model,
                      preprocessing_for, resolve_class)
-from .pipeline import RenderOptions, RunSummary, explain_paths, resolve_device
+from .pipeline import RenderOptions, RunSummary, SweepOptions, explain_paths, resolve_device
+from .sweep import RATIOS_HELP, parse_ratios
 from .render import COLORMAPS
 from .writer import OutputWriter
 
@@ -50,7 +52,8 @@ ColormapOpt = Annotated[ColormapChoice, typer.Option("--colormap", help="Heatmap
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
 SaveRawOpt = Annotated[bool, typer.Option("--save-raw", help="Also save each patch-grid mask as float32 .npy.")]
 StretchOpt = Annotated[
-    bool, typer.Option("--stretch/--no-stretch", help="Spread the colours over each mask's own min..max (overlays only; raw masks keep max 1)."),
+    Optional[bool],
+    typer.Option("--stretch/--no-stretch", help="Spread the colours over each mask's own min..max (overlays only; raw masks keep max 1). Default: on for flow.", show_default=False),
 ]
 SolverOpt = Annotated[SolverChoice, typer.Option("--solver", help="Max-flow solver: dinic (exact, fast) or networkx (reference, slow).")]
 ClassOpt = Annotated[
@@ -59,46 +62,85 @@ ClassOpt = Annotated[
 ]
 
 
+MethodChoice = Enum("MethodChoice", {name: name for name in EXPLAINERS}, type=str)
+MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Which explanation to sweep.")]
+RatiosOpt = Annotated[str, typer.Option("--ratios", help=f"Discard ratios: {RATIOS_HELP}.")]
+FpsOpt = Annotated[float, typer.Option("--fps", min=0.1, max=50.0, help="GIF frames per second.")]
+GifOpt = Annotated[bool, typer.Option("--gif/--no-gif", help="Write an animated, looping GIF per image.")]
+GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact sheet PNG of all frames.")]
+
+
+@dataclass
+class CommandLine:
+    """Everything one command line asked for (options a command does not offer keep their defaults)."""
+
+    method: str
+    inputs: list[Path]
+    out: Path
+    model: str
+    checkpoint: Path | None
+    fusion: str
+    discard_ratio: float
+    batch_size: int
+    device: str
+    num_workers: int
+    render: RenderOptions
+    stretch: bool | None
+    classes: list[str] | None
+    solver: str
+    sweep: SweepOptions | None
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}", highlight=False)
     return typer.Exit(code)
 
 
-def run_method(method: str, inputs: list[Path], out: Path, model: str, checkpoint: Path | None, fusion: str,
-               discard_ratio: float, batch_size: int, device: str, num_workers: int, colormap: str,
-               alpha: float, save_raw: bool, stretch: bool, classes: list[str] | None = None,
-               **method_options) -> RunSummary:
+def prepare(line: CommandLine):
+    """Check the options, find the images and load the model: ``(paths, model, class names, targets, device)``."""
+    if not 0.0 <= line.discard_ratio < 1.0:
+        raise ValueError(f"--discard-ratio must be in [0, 1), got {line.discard_ratio}")
+    explainer_class = EXPLAINERS[line.method]
+    if line.classes and not explainer_class.class_specific:
+        raise ValueError(f"--class applies to class-specific methods (grad-rollout), not {line.method}")
+    paths = find_images(line.inputs)
+    if not paths:
+        raise ValueError("no images found in the given inputs")
+    device = resolve_device(line.device)
+    network = load_model(line.model, checkpoint=line.checkpoint).to(device)
+    names = class_names_for(network.num_classes)
+    if explainer_class.class_specific and not names:
+        raise ValueError(f"{line.method} needs a classifier head, and {line.model!r} has none (num_classes=0)")
+    synonyms = class_synonyms_for(network.num_classes)
+    targets = [resolve_class(c, synonyms) for c in line.classes] if line.classes else None
+    return paths, network, names, targets, device
+
+
+def run(line: CommandLine) -> RunSummary:
     """Validate options, load the model, stream the images, print a summary."""
     try:
-        if not 0.0 <= discard_ratio < 1.0:
-            raise ValueError(f"--discard-ratio must be in [0, 1), got {discard_ratio}")
-        paths = find_images(inputs)
-        torch_device = resolve_device(device)
-        network = load_model(model, checkpoint=checkpoint).to(torch_device)
-        names = class_names_for(network.num_classes)
-        if EXPLAINERS[method].class_specific and not names:
-            raise ValueError(f"{method} needs a classifier head, and {model!r} has none (num_classes=0)")
-        targets = [resolve_class(c, class_synonyms_for(network.num_classes)) for c in classes] if classes else None
+        paths, network, names, targets, device = prepare(line)
     except (InputError, ValueError) as error:
         raise fail(str(error), code=2) from None
     except ModelLoadError as error:
         raise fail(str(error)) from None
-    if not paths:
-        raise fail("no images found in the given inputs", code=2)
-    explainer = EXPLAINERS[method](network, fusion=fusion, discard_ratio=discard_ratio, **method_options)
+    explainer_class = EXPLAINERS[line.method]
+    options = {"solver": line.solver} if "solver" in explainer_class.options else {}
+    explainer = explainer_class(network, fusion=line.fusion, discard_ratio=line.discard_ratio, **options)
+    stretch = explainer.stretch_overlay if line.stretch is None else line.stretch
     with progress_bar() as progress:
-        task = progress.add_task(f"{method}", total=len(paths))
+        task = progress.add_task(line.method + (" sweep" if line.sweep else ""), total=len(paths))
         within = progress.add_task("  per image", total=None, visible=False)
         explainer.on_progress = lambda done, total: progress.update(within, completed=done, total=total, visible=True)
         summary = explain_paths(
-            explainer, paths, preprocessing_for(network), OutputWriter(out, paths), names, targets,
-            RenderOptions(colormap, alpha, save_raw, stretch), batch_size, num_workers, torch_device,
-            on_images=lambda n: progress.advance(task, n),
+            explainer, paths, preprocessing_for(network), OutputWriter(line.out, paths), names, targets,
+            replace(line.render, stretch=stretch), line.batch_size, line.num_workers, device,
+            on_images=lambda n: progress.advance(task, n), sweep=line.sweep,
         )
     console.print(
-        f"[green]done:[/] {summary.images} images → {summary.outputs} outputs in {out}/ "
-        f"({summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {torch_device}); "
-        f"manifest: {out / 'manifest.jsonl'}",
+        f"[green]done:[/] {summary.images} images → {summary.outputs} outputs in {line.out}/ "
+        f"({summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {device}); "
+        f"manifest: {line.out / 'manifest.jsonl'}",
         highlight=False,
     )
     return summary
@@ -109,12 +151,24 @@ def progress_bar() -> Progress:
                     TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
 
 
-def explain_command(method: str) -> Callable[..., None]:
-    """A subcommand running ``method``; options a method does not take are left out of its signature."""
+COMMON = {"inputs", "out", "model", "checkpoint", "fusion", "batch_size", "device", "num_workers", "colormap",
+          "alpha", "save_raw", "stretch"}
+COMMAND_OPTIONS = {
+    "rollout": COMMON | {"discard_ratio"},
+    "grad-rollout": COMMON | {"discard_ratio", "classes"},
+    "flow": COMMON | {"discard_ratio", "solver"},
+    "sweep": COMMON | {"method", "ratios", "fps", "gif", "grid", "classes", "solver"},
+}
+
+
+def make_command(name: str) -> Callable[..., None]:
+    """Subcommand ``name``: one template, with the options ``name`` does not offer left out of its signature."""
 
     def command(
         inputs: Inputs,
+        method: MethodOpt = MethodChoice.rollout,
         classes: ClassOpt = None,
+        ratios: RatiosOpt = "0:0.95:20",
         out: OutDir = Path("vitexplain-out"),
         model: ModelName = DEFAULT_MODEL,
         checkpoint: CheckpointPath = None,
@@ -125,36 +179,50 @@ def explain_command(method: str) -> Callable[..., None]:
         num_workers: WorkersOpt = 0,
         colormap: ColormapOpt = ColormapChoice.jet,
         alpha: AlphaOpt = 0.5,
+        stretch: StretchOpt = None,
         save_raw: SaveRawOpt = False,
-        stretch: StretchOpt = EXPLAINERS[method].stretch_overlay,
         solver: SolverOpt = SolverChoice.dinic,
+        gif: GifOpt = True,
+        grid: GridOpt = False,
+        fps: FpsOpt = 4.0,
     ) -> None:
-        options = {"solver": solver.value} if "solver" in EXPLAINERS[method].options else {}
-        run_method(method, inputs, out, model, checkpoint, fusion.value, discard_ratio, batch_size,
-                   device.value, num_workers, colormap.value, alpha, save_raw, stretch, classes, **options)
+        sweep = None
+        if name == "sweep":
+            try:
+                sweep = SweepOptions(parse_ratios(ratios), gif, grid, fps)
+            except ValueError as error:
+                raise fail(str(error), code=2) from None
+            if not (gif or grid or save_raw):
+                raise fail("nothing to write: give --gif, --grid or --save-raw", code=2)
+        run(CommandLine(
+            method.value if name == "sweep" else name, inputs, out, model, checkpoint, fusion.value, discard_ratio,
+            batch_size, device.value, num_workers, RenderOptions(colormap.value, alpha, save_raw), stretch,
+            classes, solver.value, sweep,
+        ))
 
     signature = inspect.signature(command)
-    unused = {"classes", "solver"} - set(EXPLAINERS[method].options)
-    command.__signature__ = signature.replace(parameters=[p for n, p in signature.parameters.items() if n not in unused])
-    command.__name__ = method.replace("-", "_")
+    offered = [p for n, p in signature.parameters.items() if n in COMMAND_OPTIONS[name]]
+    command.__signature__ = signature.replace(parameters=offered)
+    command.__name__ = name.replace("-", "_")
     return command
 
 
-ROLLOUT_HELP = """Attention Rollout (Abnar & Zuidema 2020): class-agnostic map of what the prediction draws on.
+HELP = {
+    "rollout": """Attention Rollout (Abnar & Zuidema 2020): class-agnostic map of what the prediction draws on.
 
-Per layer: fuse heads (--fusion), zero the lowest --discard-ratio of entries, add the identity (residual) and normalise rows; multiply the layers and read the CLS row over the patches.
-"""
-GRAD_ROLLOUT_HELP = """Gradient Attention Rollout: where the evidence for one class is.
+Per layer: fuse heads (--fusion), zero the lowest --discard-ratio of entries, add the identity (residual) and normalise rows; multiply the layers and read the CLS row over the patches.""",
+    "grad-rollout": """Gradient Attention Rollout: where the evidence for one class is.
 
-Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out as in rollout. One output per image and --class.
-"""
-app.command("rollout", help=ROLLOUT_HELP)(explain_command("rollout"))
-app.command("grad-rollout", help=GRAD_ROLLOUT_HELP)(explain_command("grad-rollout"))
-FLOW_HELP = """Attention Flow (Abnar & Zuidema 2020): max-flow from the CLS token down the layer graph to each patch.
+Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out as in rollout. One output per image and --class.""",
+    "flow": """Attention Flow (Abnar & Zuidema 2020): max-flow from the CLS token down the layer graph to each patch.
 
-Edges between consecutive layers carry the same residual, row-normalised fused attention that rollout multiplies; a patch's value is the maximum flow that reaches it. Exact (--solver dinic, compiled; or the networkx reference).
-"""
-app.command("flow", help=FLOW_HELP)(explain_command("flow"))
+Edges between consecutive layers carry the same residual, row-normalised fused attention that rollout multiplies; a patch's value is the maximum flow that reaches it. Exact (--solver dinic, compiled; or the networkx reference). Overlays are contrast-stretched by default.""",
+    "sweep": """The same image over many discard ratios, as an animated GIF (and --grid contact sheet).
+
+One forward pass (and one backward for grad-rollout) per image, however many ratios. Example: vitexplain sweep img.png --method rollout --fusion max --ratios 0:0.99:20 --grid""",
+}
+for command_name in COMMAND_OPTIONS:
+    app.command(command_name, help=HELP[command_name])(make_command(command_name))
 
 
 def main() -> None:

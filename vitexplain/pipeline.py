@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from .data import make_loader
 from .explainers import Explainer
 from .models import Preprocessing
-from .render import overlay
-from .writer import OutputWriter
+from .render import contact_sheet, gif_bytes, overlay
+from .sweep import ratios_tag, sweep_frames
+from .writer import OutputWriter, format_params, npy_bytes, png_bytes
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,17 @@ class RenderOptions:
     alpha: float = 0.5
     save_raw: bool = False
     stretch: bool = False
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """A sweep over discard ratios: an animated GIF and/or a contact sheet per image and target."""
+
+    ratios: tuple[float, ...]
+    gif: bool = True
+    grid: bool = False
+    fps: float = 4.0
+    max_side: int = 480  # frames are downscaled to this longer side
 
 
 @dataclass
@@ -54,12 +67,49 @@ def prediction_record(probabilities: torch.Tensor, target: int | None, class_nam
     """Manifest fields for one output: the target and the model's top-1 (``None`` for a headless model)."""
     predicted = int(probabilities.argmax()) if class_names else None
     return {
+        "target": target,
         "target_name": None if target is None else class_names[target],
         "target_probability": None if target is None else float(probabilities[target]),
         "predicted": predicted,
         "predicted_name": None if predicted is None else class_names[predicted],
         "probability": None if predicted is None else float(probabilities[predicted]),
     }
+
+
+def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, bytes]]:
+    """Overlay PNG (and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
+    files = {"overlay": (".png", png_bytes(overlay(image, masks[0], render.colormap, render.alpha, render.stretch)))}
+    if render.save_raw:
+        files["raw"] = (".npy", npy_bytes(masks[0]))
+    return files
+
+
+def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dict[str, tuple[str, bytes]]:
+    """GIF, contact sheet and raw ``(R, gh, gw)`` ``.npy`` of a sweep; ``masks`` is ``(R, gh, gw)``."""
+    frames = sweep_frames(image, masks, sweep.ratios, render.colormap, render.alpha, render.stretch, sweep.max_side)
+    files = {}
+    if sweep.gif:
+        files["gif"] = (".gif", gif_bytes(frames, sweep.fps))
+    if sweep.grid:
+        files["grid"] = ("_grid.png", png_bytes(contact_sheet(frames)))
+    if render.save_raw:
+        files["raw"] = (".npy", npy_bytes(masks))
+    return files
+
+
+def ratio_fields(explainer: Explainer, sweep: SweepOptions | None) -> dict:
+    if sweep:
+        return {"discard_ratios": list(sweep.ratios)}
+    return {"discard_ratio": explainer.discard_ratio}
+
+
+def output_label(explainer: Explainer, target: int | None, sweep: SweepOptions | None) -> str:
+    """``rollout_max_d0.9``, ``grad-rollout_mean_d0.9_c243``, ``rollout-sweep_mean_r0-0.99x20``."""
+    if sweep:
+        params = {"fusion": explainer.fusion, "ratios": ratios_tag(sweep.ratios), "target": target}
+        return f"{explainer.name}-sweep_{format_params(params)}"
+    params = {"fusion": explainer.fusion, "discard_ratio": explainer.discard_ratio, "target": target}
+    return f"{explainer.name}_{format_params(params)}"
 
 
 def explain_paths(
@@ -74,26 +124,26 @@ def explain_paths(
     num_workers: int = 0,
     device: torch.device = torch.device("cpu"),
     on_images: Callable[[int], None] = lambda n: None,
+    sweep: SweepOptions | None = None,
 ) -> RunSummary:
-    """Explain every image in ``paths`` and write one overlay (+ raw mask) per image and target."""
+    """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set)."""
     summary = RunSummary()
     started = time.perf_counter()
     loader = make_loader(paths, prep, batch_size, num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
-        explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), classes)
+        ratios = sweep.ratios if sweep else None
+        explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), classes, ratios)
         probabilities = explanation.probabilities.cpu()
-        masks = explanation.masks[:, :, 0].cpu().numpy()
+        masks = explanation.masks.cpu().numpy().astype(np.float32)
         targets = None if explanation.targets is None else explanation.targets.cpu()
         for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
             for column in range(masks.shape[1]):
                 target = None if targets is None else int(targets[row, column])
-                params = {"fusion": explainer.fusion, "discard_ratio": explainer.discard_ratio, "target": target}
+                record = {"method": explainer.name, "fusion": explainer.fusion, **ratio_fields(explainer, sweep),
+                          **prediction_record(probabilities[row], target, class_names)}
                 mask = masks[row, column]
-                image = overlay(original, mask, render.colormap, render.alpha, render.stretch)
-                record = prediction_record(probabilities[row], target, class_names)
-                summary.records.append(
-                    writer.write(path, explainer.name, params, image, mask if render.save_raw else None, record)
-                )
+                files = sweep_files(original, mask, render, sweep) if sweep else single_files(original, mask, render)
+                summary.records.append(writer.write(path, output_label(explainer, target, sweep), files, record))
         summary.images += len(batch.paths)
         on_images(len(batch.paths))
     summary.outputs = len(summary.records)

@@ -1,9 +1,13 @@
 """Colormaps and heatmap overlays, in numpy/torch only (no matplotlib or OpenCV)."""
 from __future__ import annotations
 
+import math
+
+import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
 # viridis / inferno / turbo anchors are sampled from the published colormaps.
@@ -60,3 +64,41 @@ def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = 
     heat = colorize(upsample_mask(stretch_contrast(values) if stretch else values, image.shape[:2]), colormap).astype(np.float32)
     blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
     return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+
+
+def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
+    """Downscale ``image`` so that its longer side is at most ``max_side`` (never upscales)."""
+    height, width = image.shape[:2]
+    scale = max_side / max(height, width)
+    if scale >= 1:
+        return image
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+
+
+def label(image: np.ndarray, text: str) -> np.ndarray:
+    """``image`` with ``text`` in white on a dark box in its top-left corner."""
+    canvas = Image.fromarray(image)
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default(size=max(10, min(image.shape[:2]) // 14))
+    left, top, right, bottom = draw.textbbox((4, 2), text, font=font)
+    draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
+    draw.text((4, 2), text, fill=(255, 255, 255), font=font)
+    return np.asarray(canvas)
+
+
+def contact_sheet(frames: list[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
+    """Frames of equal size tiled row by row (``columns`` default ⌈√n⌉) on a white background."""
+    columns = columns or math.ceil(math.sqrt(len(frames)))
+    rows = math.ceil(len(frames) / columns)
+    height, width = frames[0].shape[:2]
+    sheet = np.full((rows * height + (rows - 1) * gap, columns * width + (columns - 1) * gap, 3), 255, dtype=np.uint8)
+    for index, frame in enumerate(frames):
+        top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
+        sheet[top:top + height, left:left + width] = frame
+    return sheet
+
+
+def gif_bytes(frames: list[np.ndarray], fps: float) -> bytes:
+    """An endlessly looping animated GIF, one frame per array, ``fps`` frames per second."""
+    return iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)

@@ -57,7 +57,7 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 class OutputWriter:
-    """Writes overlays (PNG), raw masks (float32 ``.npy``) and one manifest line per output."""
+    """Writes each output's files atomically and one manifest line per output."""
 
     def __init__(self, out_dir: Path, input_paths: Sequence[Path]):
         self.out_dir = Path(out_dir)
@@ -66,21 +66,19 @@ class OutputWriter:
         self.manifest_path = self.out_dir / MANIFEST_NAME
         self.written = 0
 
-    def output_name(self, input_path: Path, method: str, params: dict[str, Any]) -> str:
-        return f"{self.stems[input_path]}_{method}_{format_params(params)}"
+    def write(self, input_path: Path, label: str, files: dict[str, tuple[str, bytes]],
+              record: dict[str, Any]) -> dict[str, Any]:
+        """Write one output's files ``{stem}_{label}{suffix}``, then its manifest line (so the manifest
+        lists only complete outputs).
 
-    def write(self, input_path: Path, method: str, params: dict[str, Any], overlay: np.ndarray,
-              raw: np.ndarray | None, record: dict[str, Any]) -> dict[str, Any]:
-        """Write one output's files, then its manifest line (so the manifest lists only complete outputs)."""
-        name = self.output_name(input_path, method, params)
-        overlay_path = self.out_dir / f"{name}.png"
-        atomic_write_bytes(overlay_path, png_bytes(overlay))
-        raw_path = None
-        if raw is not None:
-            raw_path = self.out_dir / f"{name}.npy"
-            atomic_write_bytes(raw_path, npy_bytes(raw.astype(np.float32)))
-        entry = {"input": str(input_path), "method": method, **params, **record,
-                 "overlay": str(overlay_path), "raw": None if raw_path is None else str(raw_path)}
+        ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the file's bytes.
+        """
+        name = f"{self.stems[input_path]}_{label}"
+        paths = {}
+        for field_name, (suffix, data) in files.items():
+            paths[field_name] = self.out_dir / f"{name}{suffix}"
+            atomic_write_bytes(paths[field_name], data)
+        entry = {"input": str(input_path), **record, **{field_name: str(path) for field_name, path in paths.items()}}
         self.append_manifest(entry)
         self.written += 1
         return entry

@@ -1,0 +1,41 @@
+"""Discard-ratio sweeps: parsing ratio lists and ranges, and the frames of one image's sweep."""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import numpy as np
+
+from .render import fit_within, label, overlay
+
+RATIOS_HELP = "a list like 0,0.5,0.9 or a range START:STOP:COUNT like 0:0.99:20 (COUNT values, both ends included)"
+NUMBER = r"\s*-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*"
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """``"0,0.5,0.9"`` → ``(0.0, 0.5, 0.9)``; ``"0:0.9:4"`` → ``(0.0, 0.3, 0.6, 0.9)``; each in [0, 1)."""
+    if re.fullmatch(f"{NUMBER}:{NUMBER}:\\s*[0-9]+\\s*", text):
+        start, stop, count = text.split(":")
+        if int(count) < 1:
+            raise ValueError(f"bad ratios {text!r}: COUNT must be at least 1")
+        ratios = tuple(round(float(r), 6) for r in np.linspace(float(start), float(stop), int(count)))
+    elif re.fullmatch(f"{NUMBER}(?:,{NUMBER})*", text):
+        ratios = tuple(float(r) for r in text.split(","))
+    else:
+        raise ValueError(f"bad ratios {text!r}: expected {RATIOS_HELP}")
+    outside = [r for r in ratios if not 0.0 <= r < 1.0]
+    if outside:
+        raise ValueError(f"bad ratios {text!r}: every discard ratio must be in [0, 1), got {outside[0]:g}")
+    return ratios
+
+
+def ratios_tag(ratios: Sequence[float]) -> str:
+    """Short file-name tag: ``r0-0.99x20`` (first, last, count)."""
+    return f"r{ratios[0]:g}-{ratios[-1]:g}x{len(ratios)}"
+
+
+def sweep_frames(image: np.ndarray, masks: np.ndarray, ratios: Sequence[float], colormap: str, alpha: float,
+                 stretch: bool, max_side: int) -> list[np.ndarray]:
+    """One overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``, labelled with its ratio."""
+    small = fit_within(image, max_side)
+    return [label(overlay(small, mask, colormap, alpha, stretch), f"discard {ratio:.2f}") for mask, ratio in zip(masks, ratios)]
