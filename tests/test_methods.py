@@ -7,7 +7,9 @@ import torch
 
 from conftest import random_attention
 from vitexplain.methods import TokenLayout, attention_rollout, fuse_heads, gradient_rollout
-from vitexplain.methods.base import add_residual, discard_lowest, rollout_readout, to_mask
+from vitexplain.methods.base import (add_residual, discard_by_ratio, discard_lowest, rollout_masks_torch, rollout_readout,
+                                     to_mask)
+from vitexplain.methods.rollout_kernel import rollout_masks
 
 CLS = TokenLayout(num_prefix_tokens=1, grid=(1, 2), protected_tokens=(0,))
 E0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
@@ -59,6 +61,25 @@ def test_discard_is_per_sample():
         torch.testing.assert_close(batched[i], discard_lowest(fused[i:i + 1], 0.7, protected=(0,))[0])
     # the zeroed positions differ between samples (the original bug applied item 0's to all)
     assert not torch.equal(batched[0] == 0, batched[1] == 0)
+
+
+def test_ties_at_the_threshold_go_to_the_lower_index():
+    fused = torch.tensor([[[0.5, 0.2, 0.2], [0.2, 0.9, 0.2], [0.7, 0.1, 0.2]]])
+    # ⌊0.4·9⌋ = 3 smallest besides (0,0): 0.1 at (2,1), then the first two of the five 0.2s: (0,1), (0,2)
+    expected = torch.tensor([[[0.5, 0.0, 0.0], [0.2, 0.9, 0.2], [0.7, 0.0, 0.2]]])
+    torch.testing.assert_close(discard_lowest(fused, 0.4, (0,)), expected, rtol=0, atol=0)
+
+
+def test_one_sort_for_many_ratios_equals_each_ratio_alone():
+    fused = torch.rand(3, 9, 9)
+    fused[0, :4] = 0.25  # many ties, straddling thresholds
+    fused[1] = torch.round(fused[1] * 4) / 4
+    ratios = [0.0, 0.3, 0.5, 0.77, 0.95]
+    for ratio, swept in zip(ratios, discard_by_ratio(fused, ratios, (0, 1))):
+        single = discard_lowest(fused, ratio, (0, 1))
+        torch.testing.assert_close(swept, single, rtol=0, atol=0)
+        assert int((single[:, [0, 1], [0, 1]] == 0).sum()) == 0 or ratio == 0
+        assert int((single == 0).sum(dim=(1, 2)).min()) >= min(int(81 * ratio), 79)
 
 
 @pytest.mark.parametrize("ratio", [-0.1, 1.0, 1.5])
@@ -168,3 +189,16 @@ def test_mask_is_scaled_to_max_one_and_shaped_as_grid():
 def test_unknown_fusion_is_rejected():
     with pytest.raises(ValueError, match="mean, max, min"):
         fuse_heads(torch.ones(1, 2, 3, 3), "median")
+
+
+@pytest.mark.parametrize("protected", [(), (0,), (0, 1)])
+def test_compiled_kernel_equals_torch_rollout_including_ties(protected):
+    generator = torch.Generator().manual_seed(7)
+    layout = TokenLayout(num_prefix_tokens=2, grid=(3, 3), protected_tokens=protected)
+    fused = [random_attention(3, 1, 11, generator)[:, 0].float() for _ in range(4)]
+    fused[1] = torch.round(fused[1] * 8) / 8  # heavy ties at every threshold
+    fused[2][0, 0, 0] = fused[2][0].min()  # a protected entry that would otherwise be discarded
+    readout = torch.softmax(torch.randn(3, 11, generator=generator), dim=-1)
+    ratios = [0.0, 0.1, 0.35, 0.5, 0.8, 0.95, 0.99]
+    torch.testing.assert_close(rollout_masks(fused, readout, layout, ratios),
+                               rollout_masks_torch(fused, readout, layout, ratios), rtol=1e-5, atol=1e-6)

@@ -17,9 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from .capture import Capture, capture_attention
-from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, rollout_masks, transition_matrices
+from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, transitions_by_ratio
 from .methods.flow import attention_flow, check_solver
 from .methods.grad_rollout import gradient_weighting
+from .methods.rollout_kernel import rollout_masks
 from .methods.rollout import rollout_weighting
 
 
@@ -62,9 +63,9 @@ class Explainer:
         """Head-fused per-layer maps ``L × (B, N, N)`` for one ``(B,)`` target (or none)."""
         raise NotImplementedError
 
-    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratio: float) -> Tensor:
-        """Masks ``(B, gh, gw)`` from fused maps: discard, residual, roll out."""
-        return rollout_masks(fused, capture.readout, capture.layout, discard_ratio)
+    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratios: Sequence[float]) -> Tensor:
+        """Masks ``(B, R, gh, gw)`` from fused maps, one per ratio: discard, residual, roll out."""
+        return rollout_masks(fused, capture.readout, capture.layout, discard_ratios)
 
     def explain(self, images: Tensor, classes: Sequence[int | Tensor] | None = None,
                 discard_ratios: Sequence[float] | None = None) -> Explanation:
@@ -76,7 +77,7 @@ class Explainer:
         per_target = []
         for i, target in enumerate(targets):
             fused = self.fused_layers(capture, target, retain_graph=i < len(targets) - 1)
-            per_target.append(torch.stack([self.masks(fused, capture, r) for r in ratios], dim=1))
+            per_target.append(self.masks(fused, capture, ratios))
         stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)
         return Explanation(torch.stack(per_target, dim=1), logits, stacked_targets, ratios)
 
@@ -126,9 +127,10 @@ class AttentionFlow(AttentionRollout):
         super().__init__(model, fusion, discard_ratio)
         self.solver = check_solver(solver)
 
-    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratio: float) -> Tensor:
-        transitions = transition_matrices(fused, discard_ratio, capture.layout)
-        return attention_flow(transitions, capture.readout, capture.layout, self.solver, self.on_progress)
+    def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratios: Sequence[float]) -> Tensor:
+        layout = capture.layout
+        return torch.stack([attention_flow(t, capture.readout, layout, self.solver, self.on_progress)
+                            for t in transitions_by_ratio(fused, discard_ratios, layout)], dim=1)
 
 
 def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -33,7 +35,7 @@ class SweepOptions:
     gif: bool = True
     grid: bool = False
     fps: float = 4.0
-    max_side: int = 480  # frames are downscaled to this longer side
+    max_side: int = 320  # frames are downscaled to this longer side
 
 
 @dataclass
@@ -112,6 +114,40 @@ def output_label(explainer: Explainer, target: int | None, sweep: SweepOptions |
     return f"{explainer.name}_{format_params(params)}"
 
 
+def write_output(writer: OutputWriter, path: Path, label: str, original: np.ndarray, masks: np.ndarray,
+                 record: dict, render: RenderOptions, sweep: SweepOptions | None) -> dict:
+    """Render one output (overlay, or a sweep's GIF / sheet), write its files, return its manifest entry."""
+    files = sweep_files(original, masks, render, sweep) if sweep else single_files(original, masks, render)
+    return writer.write(path, label, files, record)
+
+
+class OrderedBackground:
+    """Runs tasks in worker threads (rendering and encoding release the GIL) while the model works on
+    the next batch. Results come back in submission order; at most ``max_pending`` tasks are in flight,
+    so memory stays bounded however many images there are."""
+
+    def __init__(self, max_pending: int, workers: int = 2):
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitexplain-write")
+        self.pending: deque[Future] = deque()
+        self.max_pending = max_pending
+
+    def submit(self, function: Callable, *args) -> None:
+        self.pending.append(self.pool.submit(function, *args))
+
+    def completed(self) -> list:
+        """Results of the finished tasks at the head of the queue, waiting while too many are pending."""
+        results = []
+        while self.pending and (self.pending[0].done() or len(self.pending) > self.max_pending):
+            results.append(self.pending.popleft().result())
+        return results
+
+    def drain(self) -> list:
+        results = [future.result() for future in self.pending]
+        self.pending.clear()
+        self.pool.shutdown()
+        return results
+
+
 def explain_paths(
     explainer: Explainer,
     paths: Sequence[Path],
@@ -129,6 +165,7 @@ def explain_paths(
     """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set)."""
     summary = RunSummary()
     started = time.perf_counter()
+    background = OrderedBackground(max_pending=4 * batch_size)
     loader = make_loader(paths, prep, batch_size, num_workers, pin_memory=device.type == "cuda")
     for batch in loader:
         ratios = sweep.ratios if sweep else None
@@ -141,11 +178,12 @@ def explain_paths(
                 target = None if targets is None else int(targets[row, column])
                 record = {"method": explainer.name, "fusion": explainer.fusion, **ratio_fields(explainer, sweep),
                           **prediction_record(probabilities[row], target, class_names)}
-                mask = masks[row, column]
-                files = sweep_files(original, mask, render, sweep) if sweep else single_files(original, mask, render)
-                summary.records.append(writer.write(path, output_label(explainer, target, sweep), files, record))
+                label = output_label(explainer, target, sweep)
+                background.submit(write_output, writer, path, label, original, masks[row, column], record, render, sweep)
+        summary.records.extend(map(writer.append_manifest, background.completed()))
         summary.images += len(batch.paths)
         on_images(len(batch.paths))
+    summary.records.extend(map(writer.append_manifest, background.drain()))
     summary.outputs = len(summary.records)
     summary.seconds = time.perf_counter() - started
     return summary

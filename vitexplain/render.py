@@ -1,9 +1,10 @@
 """Colormaps and heatmap overlays, in numpy/torch only (no matplotlib or OpenCV)."""
 from __future__ import annotations
 
+import io
 import math
+from functools import lru_cache
 
-import imageio.v3 as iio
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,15 +34,20 @@ def colormap_table(name: str, size: int = 256) -> np.ndarray:
     return np.round(table).astype(np.uint8)
 
 
+def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``(R, gh, gw)`` masks to ``(R, H, W)``, clipped to [0, 1]."""
+    grid = torch.as_tensor(np.asarray(masks, dtype=np.float32))[:, None]
+    resized = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return resized[:, 0].clamp_(0.0, 1.0).numpy()
+
+
 def upsample_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of a ``(gh, gw)`` mask to ``size`` (H, W), clipped to [0, 1]."""
-    grid = torch.as_tensor(np.asarray(mask, dtype=np.float32))[None, None]
-    resized = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0.0, 1.0).numpy()
+    return upsample_masks(np.asarray(mask, dtype=np.float32)[None], size)[0]
 
 
 def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
-    """Map values in [0, 1] ``(H, W)`` to ``(H, W, 3)`` uint8 colours."""
+    """Map values in [0, 1] ``(..., H, W)`` to ``(..., H, W, 3)`` uint8 colours."""
     table = colormap_table(colormap)
     return table[np.round(values * (len(table) - 1)).astype(np.intp)]
 
@@ -52,18 +58,30 @@ def stretch_contrast(mask: np.ndarray) -> np.ndarray:
     return (mask - low) / (high - low) if high > low else np.zeros_like(mask)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
-            stretch: bool = False) -> np.ndarray:
-    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``.
+def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+             stretch: bool = False) -> np.ndarray:
+    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` for each of ``(R, gh, gw)`` masks at the image's size.
 
-    With ``stretch`` the colours span the mask's own range (min → first colour) instead of [0, 1].
+    Returns uint8 ``(R, H, W, 3)``. With ``stretch`` the colours span each mask's own range (min → first
+    colour) instead of [0, 1].
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    values = np.asarray(mask, dtype=np.float32)
-    heat = colorize(upsample_mask(stretch_contrast(values) if stretch else values, image.shape[:2]), colormap).astype(np.float32)
-    blended = (1.0 - alpha) * image.astype(np.float32) + alpha * heat
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    values = np.asarray(masks, dtype=np.float32)
+    if stretch:
+        values = np.stack([stretch_contrast(v) for v in values])
+    weight = round(alpha * 256)  # integer blend: alpha in steps of 1/256
+    table = torch.from_numpy(colormap_table(colormap)).to(torch.int32) * weight
+    levels = (torch.from_numpy(upsample_masks(values, image.shape[:2])) * (len(table) - 1)).round_().long()
+    blended = table[levels]  # (R, H, W, 3)
+    blended += torch.from_numpy(np.require(image, requirements=["W"])).to(torch.int32) * (256 - weight) + 128
+    return (blended >> 8).to(torch.uint8).numpy()
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+            stretch: bool = False) -> np.ndarray:
+    """:func:`overlays` for one ``(gh, gw)`` mask: uint8 ``(H, W, 3)``."""
+    return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]
 
 
 def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -76,15 +94,21 @@ def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
 
 
+@lru_cache(maxsize=8)
+def label_font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
 def label(image: np.ndarray, text: str) -> np.ndarray:
     """``image`` with ``text`` in white on a dark box in its top-left corner."""
-    canvas = Image.fromarray(image)
-    draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(10, min(image.shape[:2]) // 14))
-    left, top, right, bottom = draw.textbbox((4, 2), text, font=font)
-    draw.rectangle((0, 0, right + 4, bottom + 4), fill=(0, 0, 0))
-    draw.text((4, 2), text, fill=(255, 255, 255), font=font)
-    return np.asarray(canvas)
+    font = label_font(max(10, min(image.shape[:2]) // 14))
+    left, top, right, bottom = font.getbbox(text)
+    box_height, box_width = min(bottom + 6, image.shape[0]), min(right + 8, image.shape[1])
+    tag = Image.new("RGB", (box_width, box_height))
+    ImageDraw.Draw(tag).text((4, 2), text, fill=(255, 255, 255), font=font)
+    labelled = image.copy()
+    labelled[:box_height, :box_width] = np.asarray(tag)
+    return labelled
 
 
 def contact_sheet(frames: list[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
@@ -99,6 +123,18 @@ def contact_sheet(frames: list[np.ndarray], columns: int | None = None, gap: int
     return sheet
 
 
-def gif_bytes(frames: list[np.ndarray], fps: float) -> bytes:
-    """An endlessly looping animated GIF, one frame per array, ``fps`` frames per second."""
-    return iio.imwrite("<bytes>", np.stack(frames), extension=".gif", duration=1000.0 / fps, loop=0)
+def gif_bytes(frames: list[np.ndarray] | np.ndarray, fps: float) -> bytes:
+    """An endlessly looping animated GIF, ``fps`` frames per second.
+
+    All frames share one 256-colour palette (fast octree over a sample of the frames), so the
+    colours stay put from frame to frame and encoding is quick.
+    """
+    frames = np.asarray(frames)
+    sample = frames[:: max(1, len(frames) // 4)]
+    palette = Image.fromarray(sample.reshape(-1, *frames.shape[2:])).quantize(
+        256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    indexed = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    buffer = io.BytesIO()
+    indexed[0].save(buffer, format="GIF", save_all=True, append_images=indexed[1:], duration=1000.0 / fps, loop=0,
+                    optimize=False)
+    return buffer.getvalue()

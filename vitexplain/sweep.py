@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .render import fit_within, label, overlay
+from .render import fit_within, label, overlays
 
 RATIOS_HELP = "a list like 0,0.5,0.9 or a range START:STOP:COUNT like 0:0.99:20 (COUNT values, both ends included)"
 NUMBER = r"\s*-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*"
@@ -37,5 +37,5 @@ def ratios_tag(ratios: Sequence[float]) -> str:
 def sweep_frames(image: np.ndarray, masks: np.ndarray, ratios: Sequence[float], colormap: str, alpha: float,
                  stretch: bool, max_side: int) -> list[np.ndarray]:
     """One overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``, labelled with its ratio."""
-    small = fit_within(image, max_side)
-    return [label(overlay(small, mask, colormap, alpha, stretch), f"discard {ratio:.2f}") for mask, ratio in zip(masks, ratios)]
+    frames = overlays(fit_within(image, max_side), masks, colormap, alpha, stretch)
+    return [label(frame, f"discard {ratio:.2f}") for frame, ratio in zip(frames, ratios)]

@@ -64,25 +64,24 @@ class OutputWriter:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.stems = output_stems(input_paths)
         self.manifest_path = self.out_dir / MANIFEST_NAME
-        self.written = 0
 
     def write(self, input_path: Path, label: str, files: dict[str, tuple[str, bytes]],
               record: dict[str, Any]) -> dict[str, Any]:
-        """Write one output's files ``{stem}_{label}{suffix}``, then its manifest line (so the manifest
-        lists only complete outputs).
+        """Write one output's files ``{stem}_{label}{suffix}`` and return its manifest entry.
 
-        ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the file's bytes.
+        ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the file's
+        bytes. The entry is not yet in the manifest: :meth:`append_manifest` it once the files are written,
+        so that the manifest lists only complete outputs.
         """
         name = f"{self.stems[input_path]}_{label}"
         paths = {}
         for field_name, (suffix, data) in files.items():
             paths[field_name] = self.out_dir / f"{name}{suffix}"
             atomic_write_bytes(paths[field_name], data)
-        entry = {"input": str(input_path), **record, **{field_name: str(path) for field_name, path in paths.items()}}
-        self.append_manifest(entry)
-        self.written += 1
-        return entry
+        return {"input": str(input_path), **record, **{field_name: str(path) for field_name, path in paths.items()}}
 
-    def append_manifest(self, entry: dict[str, Any]) -> None:
+    def append_manifest(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """Append ``entry`` as one JSON line to the manifest; returns it."""
         with self.manifest_path.open("a", encoding="utf-8") as manifest:
             manifest.write(json.dumps(entry) + "\n")
+        return entry

@@ -1,5 +1,6 @@
 """Explanation methods: pure tensor functions over captured attentions."""
-from .base import FUSIONS, Fusion, TokenLayout, fuse_heads, rollout_masks
+from .base import FUSIONS, Fusion, TokenLayout, fuse_heads
+from .rollout_kernel import rollout_masks
 from .flow import SOLVERS, attention_flow
 from .grad_rollout import gradient_rollout, gradient_weighting
 from .rollout import attention_rollout, rollout_weighting

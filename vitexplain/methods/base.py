@@ -11,8 +11,9 @@ that is shared: fuse heads → discard → add residual → roll out → mask.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Iterator, Literal, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,23 +62,58 @@ def check_discard_ratio(ratio: float) -> float:
     return ratio
 
 
+def discard_candidates(fused: Tensor, protected: Sequence[int]) -> Tensor:
+    """``(B, N²)`` flattened maps with the protected diagonal entries ``(p, p)`` set to +inf."""
+    batch, n, _ = fused.shape
+    candidates = fused.reshape(batch, n * n).clone()
+    candidates[:, [p * n + p for p in protected]] = torch.inf
+    return candidates
+
+
+def discard_count(n: int, ratio: float, num_protected: int) -> int:
+    """``⌊ratio·N²⌋`` entries, never the ``num_protected`` protected ones."""
+    return min(int(n * n * check_discard_ratio(ratio)), n * n - num_protected)
+
+
+def sorted_values(candidates: Tensor) -> Tensor:
+    """Each row sorted ascending (numpy's vectorised sort on CPU, ~10× torch's there)."""
+    if candidates.device.type == "cpu":
+        return torch.from_numpy(np.sort(candidates.numpy(), axis=1))
+    return candidates.sort(dim=1).values
+
+
+def drop_lowest(fused: Tensor, candidates: Tensor, kth: Tensor, k: int) -> Tensor:
+    """Zero the ``k`` smallest candidates per row, given each row's k-th smallest value ``kth`` ``(B, 1)``;
+    among values equal to ``kth`` the lower flat indices go first."""
+    drop = candidates <= kth
+    if not bool((drop.sum(dim=1) == k).all()):  # ties at the threshold: keep only as many as fit
+        below = candidates < kth
+        tied = candidates == kth
+        drop = below | (tied & (tied.cumsum(dim=1) <= k - below.sum(dim=1, keepdim=True)))
+    return fused.masked_fill(drop.view_as(fused), 0.0)
+
+
+def discard_by_ratio(fused: Tensor, ratios: Sequence[float], protected: Sequence[int] = ()) -> Iterator[Tensor]:
+    """:func:`discard_lowest` for each of ``ratios``, sorting each sample's entries only once."""
+    n = fused.shape[-1]
+    counts = [discard_count(n, r, len(protected)) for r in ratios]
+    if max(counts) <= 0:
+        yield from (fused.clone() for _ in ratios)
+        return
+    candidates = discard_candidates(fused, protected)
+    ordered = sorted_values(candidates)
+    for k in counts:
+        yield drop_lowest(fused, candidates, ordered[:, k - 1:k], k) if k > 0 else fused.clone()
+
+
 def discard_lowest(fused: Tensor, ratio: float, protected: Sequence[int] = ()) -> Tensor:
     """Zero the ``⌊ratio·N²⌋`` smallest entries of each sample's ``(N, N)`` map.
 
-    Each batch item is thresholded on its own. The diagonal entries ``(p, p)``
-    of ``protected`` tokens (CLS→CLS) are never zeroed. Returns a new tensor.
+    Each batch item is thresholded on its own; among equal values the lower flat index
+    goes first. The diagonal entries ``(p, p)`` of ``protected`` tokens (CLS→CLS) are
+    never zeroed.
     """
-    check_discard_ratio(ratio)
-    batch, n, _ = fused.shape
-    protected_flat = torch.tensor([p * n + p for p in protected], dtype=torch.long, device=fused.device)
-    k = min(int(n * n * ratio), n * n - len(protected_flat))
-    if k <= 0:
-        return fused.clone()
-    flat = fused.reshape(batch, n * n)
-    candidates = flat.clone()
-    candidates[:, protected_flat] = torch.inf
-    lowest = candidates.topk(k, dim=1, largest=False).indices
-    return flat.scatter(1, lowest, 0.0).view(batch, n, n)
+    return next(discard_by_ratio(fused, [ratio], protected))
 
 
 def add_residual(fused: Tensor) -> Tensor:
@@ -87,9 +123,19 @@ def add_residual(fused: Tensor) -> Tensor:
     return with_residual / with_residual.sum(dim=-1, keepdim=True)
 
 
+def transitions_by_ratio(fused: Sequence[Tensor], ratios: Sequence[float], layout: TokenLayout) -> Iterator[list[Tensor]]:
+    """For each ratio, per layer ``Â_l = add_residual(discard_lowest(F_l, ratio))``.
+
+    Each layer's entries are sorted once, however many ratios follow (a sweep costs one sort per layer).
+    """
+    per_layer = [discard_by_ratio(f, ratios, layout.protected_tokens) for f in fused]
+    for _ in ratios:
+        yield [add_residual(next(discarded)) for discarded in per_layer]
+
+
 def transition_matrices(fused: Sequence[Tensor], discard_ratio: float, layout: TokenLayout) -> list[Tensor]:
     """Per layer ``Â_l = add_residual(discard_lowest(F_l))`` for fused maps ``F_l``."""
-    return [add_residual(discard_lowest(f, discard_ratio, layout.protected_tokens)) for f in fused]
+    return next(transitions_by_ratio(fused, [check_discard_ratio(discard_ratio)], layout))
 
 
 def rollout_readout(transitions: Sequence[Tensor], readout: Tensor) -> Tensor:
@@ -120,7 +166,12 @@ def fuse_layers(layer_maps: Sequence[Tensor], fusion: Fusion) -> list[Tensor]:
     return [fuse_heads(m.float(), fusion) for m in layer_maps]
 
 
-def rollout_masks(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout, discard_ratio: float) -> Tensor:
-    """Masks ``(B, gh, gw)`` from fused per-layer maps: discard → residual → roll out."""
-    values = rollout_readout(transition_matrices(fused, discard_ratio, layout), readout.float())
-    return to_mask(values, layout)
+def rollout_masks_torch(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
+                        discard_ratios: Sequence[float]) -> Tensor:
+    """Masks ``(B, R, gh, gw)`` from fused per-layer maps, one per discard ratio: discard → residual → roll out.
+
+    Plain torch on any device; on CPU :func:`vitexplain.methods.rollout_kernel.rollout_masks` computes the
+    same with a compiled kernel."""
+    readout = readout.float()
+    masks = [to_mask(rollout_readout(t, readout), layout) for t in transitions_by_ratio(fused, discard_ratios, layout)]
+    return torch.stack(masks, dim=1)

@@ -12,7 +12,8 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .base import Fusion, TokenLayout, fuse_layers, rollout_masks
+from .base import Fusion, TokenLayout, fuse_layers
+from .rollout_kernel import rollout_masks
 
 
 def gradient_weighting(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> list[Tensor]:
@@ -32,4 +33,4 @@ def gradient_rollout(
 ) -> Tensor:
     """Class-specific masks ``(B, gh, gw)`` from attentions and their gradients."""
     fused = fuse_layers(gradient_weighting(attentions, gradients), fusion)
-    return rollout_masks(fused, readout, layout, discard_ratio)
+    return rollout_masks(fused, readout, layout, [discard_ratio])[:, 0]

@@ -10,7 +10,8 @@ from typing import Sequence
 
 from torch import Tensor
 
-from .base import Fusion, TokenLayout, fuse_layers, rollout_masks
+from .base import Fusion, TokenLayout, fuse_layers
+from .rollout_kernel import rollout_masks
 
 
 def rollout_weighting(attentions: Sequence[Tensor]) -> list[Tensor]:
@@ -27,4 +28,4 @@ def attention_rollout(
 ) -> Tensor:
     """Rollout masks ``(B, gh, gw)`` from per-layer attentions ``(B, H, N, N)``."""
     fused = fuse_layers(rollout_weighting(attentions), fusion)
-    return rollout_masks(fused, readout, layout, discard_ratio)
+    return rollout_masks(fused, readout, layout, [discard_ratio])[:, 0]
