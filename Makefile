@@ -11,7 +11,7 @@ OUT ?= vitexplain-out
 # Extra pip arguments, e.g. a torch build: PIP_EXTRA="torch==2.14.1 torchvision==0.29.1"
 PIP_EXTRA ?=
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench examples gallery clean
 
 $(BIN)/vitexplain: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,8 +29,27 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The README's pictures. `make examples` regenerates them all from examples/images.
+GALLERY ?= docs/gallery
+GALLERY_RUN = $(BIN)/vitexplain
+GALLERY_ARGS = --model $(MODEL) $(CHECKPOINT_ARG) --out $(GALLERY) --max-side 224
+
+examples: install
+	$(MAKE) gallery
+
+gallery:
+	rm -rf $(GALLERY)
+	$(GALLERY_RUN) rollout examples/images $(GALLERY_ARGS) --fusion mean --discard-ratio 0
+	$(GALLERY_RUN) rollout examples/images $(GALLERY_ARGS) --fusion max --discard-ratio 0.9
+	$(GALLERY_RUN) flow examples/images $(GALLERY_ARGS)
+	$(GALLERY_RUN) grad-rollout examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
+	$(GALLERY_RUN) grad-rollout examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
+	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
+	rm -f $(GALLERY)/manifest.jsonl
+
 bench: install
 	$(BIN)/python benchmarks/flow.py
+	$(BIN)/python benchmarks/sweep.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

@@ -67,6 +67,10 @@ MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Which explana
 RatiosOpt = Annotated[str, typer.Option("--ratios", help=f"Discard ratios: {RATIOS_HELP}.")]
 FpsOpt = Annotated[float, typer.Option("--fps", min=0.1, max=50.0, help="GIF frames per second.")]
 GifOpt = Annotated[bool, typer.Option("--gif/--no-gif", help="Write an animated, looping GIF per image.")]
+MaxSideOpt = Annotated[
+    Optional[int],
+    typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 320).", show_default=False),
+]
 GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact sheet PNG of all frames.")]
 
 
@@ -152,7 +156,7 @@ def progress_bar() -> Progress:
 
 
 COMMON = {"inputs", "out", "model", "checkpoint", "fusion", "batch_size", "device", "num_workers", "colormap",
-          "alpha", "save_raw", "stretch"}
+          "alpha", "save_raw", "stretch", "max_side"}
 COMMAND_OPTIONS = {
     "rollout": COMMON | {"discard_ratio"},
     "grad-rollout": COMMON | {"discard_ratio", "classes"},
@@ -181,6 +185,7 @@ def make_command(name: str) -> Callable[..., None]:
         alpha: AlphaOpt = 0.5,
         stretch: StretchOpt = None,
         save_raw: SaveRawOpt = False,
+        max_side: MaxSideOpt = None,
         solver: SolverOpt = SolverChoice.dinic,
         gif: GifOpt = True,
         grid: GridOpt = False,
@@ -196,7 +201,7 @@ def make_command(name: str) -> Callable[..., None]:
                 raise fail("nothing to write: give --gif, --grid or --save-raw", code=2)
         run(CommandLine(
             method.value if name == "sweep" else name, inputs, out, model, checkpoint, fusion.value, discard_ratio,
-            batch_size, device.value, num_workers, RenderOptions(colormap.value, alpha, save_raw), stretch,
+            batch_size, device.value, num_workers, RenderOptions(colormap.value, alpha, save_raw, max_side=max_side), stretch,
             classes, solver.value, sweep,
         ))
 

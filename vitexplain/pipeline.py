@@ -14,7 +14,7 @@ import torch
 from .data import make_loader
 from .explainers import Explainer
 from .models import Preprocessing
-from .render import contact_sheet, gif_bytes, overlay
+from .render import contact_sheet, fit_within, gif_bytes, overlay
 from .sweep import ratios_tag, sweep_frames
 from .writer import OutputWriter, format_params, npy_bytes, png_bytes
 
@@ -25,6 +25,7 @@ class RenderOptions:
     alpha: float = 0.5
     save_raw: bool = False
     stretch: bool = False
+    max_side: int | None = None  # downscale pictures to this longer side (None: the image's own size)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,9 @@ class SweepOptions:
     gif: bool = True
     grid: bool = False
     fps: float = 4.0
-    max_side: int = 320  # frames are downscaled to this longer side
+
+
+SWEEP_MAX_SIDE = 320  # GIF frames are downscaled to this longer side unless told otherwise
 
 
 @dataclass
@@ -80,6 +83,8 @@ def prediction_record(probabilities: torch.Tensor, target: int | None, class_nam
 
 def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, bytes]]:
     """Overlay PNG (and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
+    if render.max_side:
+        image = fit_within(image, render.max_side)
     files = {"overlay": (".png", png_bytes(overlay(image, masks[0], render.colormap, render.alpha, render.stretch)))}
     if render.save_raw:
         files["raw"] = (".npy", npy_bytes(masks[0]))
@@ -88,7 +93,8 @@ def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, by
 
 def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dict[str, tuple[str, bytes]]:
     """GIF, contact sheet and raw ``(R, gh, gw)`` ``.npy`` of a sweep; ``masks`` is ``(R, gh, gw)``."""
-    frames = sweep_frames(image, masks, sweep.ratios, render.colormap, render.alpha, render.stretch, sweep.max_side)
+    frames = sweep_frames(image, masks, sweep.ratios, render.colormap, render.alpha, render.stretch,
+                          render.max_side or SWEEP_MAX_SIDE)
     files = {}
     if sweep.gif:
         files["gif"] = (".gif", gif_bytes(frames, sweep.fps))

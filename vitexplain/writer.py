@@ -14,6 +14,9 @@ import imageio.v3 as iio
 import numpy as np
 
 MANIFEST_NAME = "manifest.jsonl"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give; mkstemp's files are 0600
 
 
 def output_stems(paths: Sequence[Path]) -> dict[Path, str]:
@@ -40,6 +43,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as file:
             file.write(data)
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

@@ -1,0 +1,37 @@
+"""`make gallery` (behind `make examples`) reproduces every picture the README shows."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from conftest import ROOT, needs_shared
+
+GALLERY = ROOT / "docs" / "gallery"
+
+
+def test_readme_shows_exactly_the_committed_gallery():
+    shown = set(re.findall(r"docs/gallery/([\w.\-]+)", (ROOT / "README.md").read_text()))
+    assert shown == {p.name for p in GALLERY.iterdir()}
+    assert sum(p.stat().st_size for p in GALLERY.iterdir()) < 3 * 2**20  # small enough for a README
+
+
+@needs_shared
+@pytest.mark.skipif(shutil.which("make") is None or not (Path(sys.prefix) / "bin" / "vitexplain").exists(),
+                    reason="needs make and the installed vitexplain command")
+def test_make_gallery_reproduces_the_committed_pictures(tmp_path):
+    out = tmp_path / "gallery"
+    subprocess.run(["make", "-s", "gallery", f"GALLERY={out}", f"VENV={sys.prefix}"], cwd=ROOT, check=True,
+                   capture_output=True)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in GALLERY.iterdir())
+    for committed in GALLERY.iterdir():
+        expected = iio.imread(committed, index=None).astype(np.int16)
+        regenerated = iio.imread(out / committed.name, index=None).astype(np.int16)
+        assert regenerated.shape == expected.shape, committed.name
+        assert np.abs(regenerated - expected).mean() < 0.5, committed.name  # same pictures, up to float noise
