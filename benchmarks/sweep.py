@@ -18,7 +18,7 @@ import torch
 from vitexplain import AttentionRollout, load_model, preprocessing_for
 from vitexplain.data import find_images
 from vitexplain.models import class_names_for
-from vitexplain.pipeline import RenderOptions, SweepOptions, explain_paths, resolve_device
+from vitexplain.pipeline import RenderOptions, Request, SweepOptions, explain_paths, resolve_device
 from vitexplain.sweep import parse_ratios
 from vitexplain.writer import OutputWriter
 
@@ -29,8 +29,9 @@ WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 def timed_run(explainer, paths, prep, names, device, sweep) -> float:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        explain_paths(explainer, paths, prep, OutputWriter(Path(out), paths), names, None, RenderOptions(),
-                      batch_size=8, device=device, sweep=sweep)
+        request = Request.of(explainer, sweep=sweep)
+        explain_paths(explainer, paths, prep, OutputWriter(Path(out), paths), names, request, RenderOptions(),
+                      batch_size=8, device=device)
         return time.perf_counter() - started
 
 
@@ -47,7 +48,7 @@ def main() -> None:
         model = load_model("deit_tiny_patch16_224", pretrained=False)
     device = resolve_device("auto")
     model.to(device)
-    examples = find_images([ROOT / "examples" / "images"])
+    examples, _ = find_images([ROOT / "examples" / "images"])
     paths = [examples[i % len(examples)] for i in range(args.images)]
     prep, names = preprocessing_for(model), class_names_for(model.num_classes)
     explainer = AttentionRollout(model, "mean", 0.9)

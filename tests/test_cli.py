@@ -109,12 +109,12 @@ def test_bad_inputs_are_usage_errors_without_traceback(tmp_path, save_test_vit):
     write_image(image)
     common = ["--model", "test_vit", "--checkpoint", checkpoint, "-o", tmp_path / "out"]
     cases = [
-        (["rollout", tmp_path / "missing.png", *common], 2, "does not exist"),
+        (["rollout", tmp_path / "missing.png", *common], 1, "missing.png: does not exist"),
         (["rollout", image, "--discard-ratio", "1.0", *common], 2, "--discard-ratio must be in [0, 1)"),
         (["rollout", image, "--fusion", "median", *common], 2, "median"),
         (["grad-rollout", image, "--class", "9", *common], 2, "out of range"),
-        (["rollout", image, "--model", "deit_tiny_patch16_22"], 1, "Did you mean"),
-        (["rollout", tmp_path / "out_empty", *common], 2, "no images found"),
+        (["rollout", image, "--model", "deit_tiny_patch16_22"], 2, "Did you mean"),
+        (["rollout", tmp_path / "out_empty", *common], 1, "out_empty: folder contains no images"),
         (["rollout", image, "--class", "3", *common], 2, "No such option: --class"),
     ]
     (tmp_path / "out_empty").mkdir()

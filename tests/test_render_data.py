@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import write_image
-from vitexplain.data import find_images, InputError, to_model_input
+from vitexplain.data import Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
 from vitexplain.render import COLORMAPS, colormap_table, overlay, upsample_mask
 from vitexplain.writer import format_params, output_stems
@@ -57,10 +57,9 @@ def test_find_images_recurses_filters_and_deduplicates(tmp_path):
     write_image(tmp_path / "b.png")
     write_image(tmp_path / "a" / "c.JPG")
     (tmp_path / "a" / "readme.txt").write_text("x")
-    found = find_images([tmp_path, tmp_path / "b.png"])
-    assert found == [tmp_path / "a" / "c.JPG", tmp_path / "b.png"]
-    with pytest.raises(InputError, match="does not exist"):
-        find_images([tmp_path / "nope"])
+    found, failures = find_images([tmp_path, tmp_path / "b.png"])
+    assert found == [tmp_path / "a" / "c.JPG", tmp_path / "b.png"] and failures == []
+    assert find_images([tmp_path / "nope"]) == ([], [Failure(tmp_path / "nope", "does not exist")])
 
 
 def test_model_input_is_whole_image_resized_and_normalised():

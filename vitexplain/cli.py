@@ -1,28 +1,33 @@
 """``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
 
 import inspect
+import signal
 from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Callable, Optional
 
+import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .data import InputError, find_images
+from .data import Failure, find_images
 from .explainers import EXPLAINERS
 from .methods.flow import SOLVERS
-from .models import (DEFAULT_MODEL, ModelLoadError, class_names_for, class_synonyms_for, load_model,
-                     preprocessing_for, resolve_class)
-from .pipeline import RenderOptions, RunSummary, SweepOptions, explain_paths, resolve_device
+from .models import (DEFAULT_MODEL, ModelChoiceError, ModelLoadError, ModelPlan, build_model, class_names_for,
+                     class_synonyms_for, plan_model, preprocessing_for, resolve_class)
+from .pipeline import (Request, RenderOptions, RunSummary, SweepOptions, explain_paths, remaining_paths,
+                       resolve_device)
 from .sweep import RATIOS_HELP, parse_ratios
 from .render import COLORMAPS
-from .writer import OutputWriter
+from .writer import MANIFEST_NAME, OutputError, OutputWriter, check_writable
 
+EXIT_CODES_HELP = "Exit codes: 0 all inputs explained; 1 some inputs failed (see manifest.jsonl); 2 usage error; 130 interrupted."
 app = typer.Typer(
     help="Explain what a Vision Transformer looks at: heatmaps for folders of images.\n\n"
     "Example: vitexplain rollout images/ --fusion max --discard-ratio 0.9",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode="rich",
@@ -71,6 +76,9 @@ MaxSideOpt = Annotated[
     Optional[int],
     typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 320).", show_default=False),
 ]
+OverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", help="Recompute outputs that a previous run of the same command completed (default: skip them)."),
+]
 GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact sheet PNG of all frames.")]
 
 
@@ -93,6 +101,7 @@ class CommandLine:
     classes: list[str] | None
     solver: str
     sweep: SweepOptions | None
+    overwrite: bool = False
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -100,54 +109,109 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-def prepare(line: CommandLine):
-    """Check the options, find the images and load the model: ``(paths, model, class names, targets, device)``."""
+@dataclass
+class Prepared:
+    """A command line checked before any weights are loaded."""
+
+    plan: ModelPlan
+    request: Request
+    paths: list[Path]
+    input_failures: list[Failure]
+    class_names: tuple[str, ...]
+    device: torch.device
+
+
+def prepare(line: CommandLine) -> Prepared:
+    """Check every option (raising ``ValueError``, ``ModelChoiceError`` or ``OutputError``) and find the images."""
     if not 0.0 <= line.discard_ratio < 1.0:
         raise ValueError(f"--discard-ratio must be in [0, 1), got {line.discard_ratio}")
     explainer_class = EXPLAINERS[line.method]
     if line.classes and not explainer_class.class_specific:
         raise ValueError(f"--class applies to class-specific methods (grad-rollout), not {line.method}")
-    paths = find_images(line.inputs)
-    if not paths:
-        raise ValueError("no images found in the given inputs")
     device = resolve_device(line.device)
-    network = load_model(line.model, checkpoint=line.checkpoint).to(device)
-    names = class_names_for(network.num_classes)
+    check_writable(line.out)
+    plan = plan_model(line.model, checkpoint=line.checkpoint)
+    names = class_names_for(plan.num_classes)
     if explainer_class.class_specific and not names:
         raise ValueError(f"{line.method} needs a classifier head, and {line.model!r} has none (num_classes=0)")
-    synonyms = class_synonyms_for(network.num_classes)
-    targets = [resolve_class(c, synonyms) for c in line.classes] if line.classes else None
-    return paths, network, names, targets, device
+    synonyms = class_synonyms_for(plan.num_classes)
+    targets = tuple(resolve_class(c, synonyms) for c in line.classes) if line.classes else None
+    request = Request(line.method, line.fusion, line.discard_ratio, targets, line.sweep)
+    paths, input_failures = find_images(line.inputs)
+    return Prepared(plan, request, paths, input_failures, names, device)
+
+
+def report_failure(failure: Failure) -> None:
+    console.print(f"[yellow]failed:[/] {failure.path}: {failure.reason}", highlight=False)
 
 
 def run(line: CommandLine) -> RunSummary:
-    """Validate options, load the model, stream the images, print a summary."""
+    """Check the options, skip what is done, load the model, stream the images, print a summary."""
     try:
-        paths, network, names, targets, device = prepare(line)
-    except (InputError, ValueError) as error:
+        ready = prepare(line)
+    except (ValueError, ModelChoiceError, OutputError) as error:
         raise fail(str(error), code=2) from None
+    writer = OutputWriter(line.out, ready.paths)
+    for failure in ready.input_failures:
+        report_failure(failure)
+        writer.record_failure(failure.path, failure.reason, ready.request.key)
+    if line.overwrite:
+        writer.forget(ready.request.key, ready.paths)
+        todo = ready.paths
+    else:
+        todo = remaining_paths(ready.paths, writer, ready.request)
+    summary = explain_with_progress(line, ready, writer, todo) if todo else RunSummary()
+    failed = len(ready.input_failures) + len(summary.failures)
+    print_summary(summary, failed, skipped=len(ready.paths) - len(todo), writer=writer, device=ready.device)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if failed:
+        raise typer.Exit(1)
+    return summary
+
+
+def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWriter, todo: list[Path]) -> RunSummary:
+    """Load the weights, then explain ``todo`` under a progress bar; SIGTERM stops it like Ctrl-C."""
+    try:
+        network = build_model(ready.plan).to(ready.device)
     except ModelLoadError as error:
         raise fail(str(error)) from None
     explainer_class = EXPLAINERS[line.method]
     options = {"solver": line.solver} if "solver" in explainer_class.options else {}
     explainer = explainer_class(network, fusion=line.fusion, discard_ratio=line.discard_ratio, **options)
     stretch = explainer.stretch_overlay if line.stretch is None else line.stretch
-    with progress_bar() as progress:
-        task = progress.add_task(line.method + (" sweep" if line.sweep else ""), total=len(paths))
-        within = progress.add_task("  per image", total=None, visible=False)
-        explainer.on_progress = lambda done, total: progress.update(within, completed=done, total=total, visible=True)
-        summary = explain_paths(
-            explainer, paths, preprocessing_for(network), OutputWriter(line.out, paths), names, targets,
-            replace(line.render, stretch=stretch), line.batch_size, line.num_workers, device,
-            on_images=lambda n: progress.advance(task, n), sweep=line.sweep,
-        )
-    console.print(
-        f"[green]done:[/] {summary.images} images → {summary.outputs} outputs in {line.out}/ "
-        f"({summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {device}); "
-        f"manifest: {line.out / 'manifest.jsonl'}",
-        highlight=False,
-    )
-    return summary
+    previous_handler = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        with progress_bar() as progress:
+            task = progress.add_task(line.method + (" sweep" if line.sweep else ""), total=len(todo))
+            within = progress.add_task("  per image", total=None, visible=False)
+            explainer.on_progress = lambda done, total: progress.update(within, completed=done, total=total, visible=True)
+            return explain_paths(
+                explainer, todo, preprocessing_for(network), writer, ready.class_names, ready.request,
+                replace(line.render, stretch=stretch), line.batch_size, line.num_workers, ready.device,
+                on_images=lambda n: progress.advance(task, n), on_failure=report_failure,
+            )
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
+
+
+def interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def print_summary(summary: RunSummary, failed: int, skipped: int, writer: OutputWriter, device: torch.device) -> None:
+    explained = summary.images - len(summary.failures)
+    parts = [f"{explained} images → {summary.outputs} outputs in {writer.out_dir}/"]
+    if summary.seconds:
+        parts.append(f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {device}")
+    if skipped:
+        parts.append(f"{skipped} already complete, skipped (--overwrite to redo them)")
+    if failed:
+        parts.append(f"[bold yellow]{failed} failed[/] (listed in the manifest)")
+    head = "[bold yellow]interrupted:[/]" if summary.interrupted else "[green]done:[/]"
+    console.print(f"{head} {'; '.join(parts)}; manifest: {writer.manifest_path}", highlight=False)
+    if summary.interrupted:
+        console.print("Everything written so far is complete and in the manifest: run the same command again to finish.")
 
 
 def progress_bar() -> Progress:
@@ -156,7 +220,7 @@ def progress_bar() -> Progress:
 
 
 COMMON = {"inputs", "out", "model", "checkpoint", "fusion", "batch_size", "device", "num_workers", "colormap",
-          "alpha", "save_raw", "stretch", "max_side"}
+          "alpha", "save_raw", "stretch", "max_side", "overwrite"}
 COMMAND_OPTIONS = {
     "rollout": COMMON | {"discard_ratio"},
     "grad-rollout": COMMON | {"discard_ratio", "classes"},
@@ -186,6 +250,7 @@ def make_command(name: str) -> Callable[..., None]:
         stretch: StretchOpt = None,
         save_raw: SaveRawOpt = False,
         max_side: MaxSideOpt = None,
+        overwrite: OverwriteOpt = False,
         solver: SolverOpt = SolverChoice.dinic,
         gif: GifOpt = True,
         grid: GridOpt = False,
@@ -202,7 +267,7 @@ def make_command(name: str) -> Callable[..., None]:
         run(CommandLine(
             method.value if name == "sweep" else name, inputs, out, model, checkpoint, fusion.value, discard_ratio,
             batch_size, device.value, num_workers, RenderOptions(colormap.value, alpha, save_raw, max_side=max_side), stretch,
-            classes, solver.value, sweep,
+            classes, solver.value, sweep, overwrite,
         ))
 
     signature = inspect.signature(command)
@@ -227,7 +292,7 @@ Edges between consecutive layers carry the same residual, row-normalised fused a
 One forward pass (and one backward for grad-rollout) per image, however many ratios. Example: vitexplain sweep img.png --method rollout --fusion max --ratios 0:0.99:20 --grid""",
 }
 for command_name in COMMAND_OPTIONS:
-    app.command(command_name, help=HELP[command_name])(make_command(command_name))
+    app.command(command_name, help=HELP[command_name], epilog=EXIT_CODES_HELP)(make_command(command_name))
 
 
 def main() -> None:

@@ -1,13 +1,17 @@
 """Finding images and streaming them through a torch DataLoader."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
 
+import errno
+import os
+import warnings
+
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
 from .models import Preprocessing
@@ -21,35 +25,110 @@ RESAMPLING = {
 }
 
 
-class InputError(ValueError):
-    """An input path that names no image."""
+class ImageDecodeError(ValueError):
+    """A file that cannot be used as an image; the message says why."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """An input that was skipped, and why."""
+
+    path: Path
+    reason: str
 
 
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
-def find_images(inputs: Iterable[str | Path]) -> list[Path]:
-    """Image files named by ``inputs`` (files, or folders searched recursively), each once, in order.
+def find_images(inputs: Iterable[str | Path]) -> tuple[list[Path], list[Failure]]:
+    """Image files named by ``inputs`` (files, or folders searched recursively), each once, in order,
+    and the inputs that name none (missing paths, empty folders, broken or looping symlinks).
 
-    Files given explicitly are kept whatever their extension; folders contribute
-    files with a common image extension, sorted by path.
+    Files given explicitly are kept whatever their extension; folders contribute files with a
+    common image extension, sorted by path. Symlinked folders are not followed (no loops).
     """
     found: dict[Path, None] = {}
+    failures: list[Failure] = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found.update((p, None) for p in sorted(entry.rglob("*")) if p.is_file() and is_image_file(p))
+            images, problems = images_in_folder(entry)
+            found.update(dict.fromkeys(images))
+            failures += problems
+            if not images and not problems:
+                failures.append(Failure(entry, "folder contains no images"))
         elif entry.is_file():
             found[entry] = None
         else:
-            raise InputError(f"{str(entry)!r} does not exist")
-    return list(found)
+            failures.append(Failure(entry, unusable_path_reason(entry)))
+    return list(found), failures
+
+
+def images_in_folder(folder: Path) -> tuple[list[Path], list[Failure]]:
+    """Image files below ``folder`` (sorted), and the entries that could not be read."""
+    images, failures = [], []
+
+    def unreadable(error: OSError) -> None:
+        failures.append(Failure(Path(error.filename or folder), f"cannot read folder: {error.strerror}"))
+
+    for root, folders, files in os.walk(folder, onerror=unreadable, followlinks=False):
+        folders.sort()
+        for name in sorted(files):
+            path = Path(root) / name
+            if not is_image_file(path):
+                continue
+            if path.is_file():
+                images.append(path)
+            else:
+                failures.append(Failure(path, unusable_path_reason(path)))
+    return sorted(images), failures
+
+
+def unusable_path_reason(path: Path) -> str:
+    """Why ``path`` is neither a file nor a folder."""
+    if not path.is_symlink():
+        return "does not exist" if not os.path.lexists(path) else "not a regular file"
+    try:
+        path.resolve(strict=True)
+    except RuntimeError:
+        return "symlink loop"
+    except OSError as error:
+        return "symlink loop" if error.errno == errno.ELOOP else "broken symlink"
+    return "not a regular file"
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode ``path`` as an ``(H, W, 3)`` uint8 RGB array, honouring EXIF orientation."""
-    with Image.open(path) as image:
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    """Decode ``path`` as an ``(H, W, 3)`` uint8 RGB array; raise :class:`ImageDecodeError` saying why not.
+
+    EXIF orientation is honoured; animated images give their first frame; 16-bit images are scaled
+    to 8 bits; transparent images are composited on white. Images over ``Image.MAX_IMAGE_PIXELS``
+    (89.5 megapixels) are refused (decompression-bomb protection).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return to_rgb_array(ImageOps.exif_transpose(image))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ImageDecodeError(f"refused, too many pixels (decompression bomb?): {error}") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not an image, or a format Pillow cannot read") from None
+    except PermissionError:
+        raise ImageDecodeError("permission denied") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def to_rgb_array(image: Image.Image) -> np.ndarray:
+    """Any Pillow mode → ``(H, W, 3)`` uint8 RGB."""
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
+    return np.array(image.convert("RGB"))
 
 
 def to_model_input(rgb: np.ndarray, prep: Preprocessing) -> torch.Tensor:
@@ -64,12 +143,14 @@ def to_model_input(rgb: np.ndarray, prep: Preprocessing) -> torch.Tensor:
 
 @dataclass
 class Batch:
-    """Model input ``(B, 3, H, W)`` and, per image, its index, path and original RGB pixels."""
+    """Model input ``(B, 3, H, W)`` and, per decoded image, its index, path and original RGB pixels;
+    plus the images of this batch that could not be decoded."""
 
     pixels: torch.Tensor
     indices: list[int]
     paths: list[Path]
     originals: list[np.ndarray]
+    failures: list[Failure] = field(default_factory=list)
 
     def pin_memory(self) -> "Batch":
         self.pixels = self.pixels.pin_memory()
@@ -77,7 +158,11 @@ class Batch:
 
 
 class ImageDataset(Dataset):
-    """Decodes image ``i`` into model input plus its original pixels (for full-size overlays)."""
+    """Decodes image ``i`` into model input plus its original pixels (for full-size overlays).
+
+    A file that cannot be decoded yields its reason instead of raising, so that one bad file
+    never stops a DataLoader (or its worker processes).
+    """
 
     def __init__(self, paths: Sequence[Path], prep: Preprocessing):
         self.paths = list(paths)
@@ -86,21 +171,27 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor, np.ndarray]:
-        rgb = load_rgb(self.paths[index])
-        return index, to_model_input(rgb, self.prep), rgb
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None]:
+        try:
+            rgb = load_rgb(self.paths[index])
+        except ImageDecodeError as error:
+            return index, None, None, str(error)
+        return index, to_model_input(rgb, self.prep), rgb, None
 
 
 class CollateBatch:
     """Stacks dataset items into a :class:`Batch` (a class, so spawned workers can pickle it)."""
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], prep: Preprocessing):
         self.paths = list(paths)
+        self.empty = torch.zeros(0, 3, *prep.size)
 
-    def __call__(self, items: list[tuple[int, torch.Tensor, np.ndarray]]) -> Batch:
-        indices = [i for i, _, _ in items]
-        pixels = torch.stack([x for _, x, _ in items])
-        return Batch(pixels, indices, [self.paths[i] for i in indices], [rgb for _, _, rgb in items])
+    def __call__(self, items: list[tuple[int, torch.Tensor | None, np.ndarray | None, str | None]]) -> Batch:
+        good = [item for item in items if item[3] is None]
+        failures = [Failure(self.paths[i], reason) for i, _, _, reason in items if reason is not None]
+        pixels = torch.stack([x for _, x, _, _ in good]) if good else self.empty
+        return Batch(pixels, [i for i, *_ in good], [self.paths[i] for i, *_ in good], [rgb for _, _, rgb, _ in good],
+                     failures)
 
 
 def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
@@ -110,7 +201,7 @@ def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        collate_fn=CollateBatch(paths),
+        collate_fn=CollateBatch(paths, prep),
         pin_memory=pin_memory,
         persistent_workers=False,
     )

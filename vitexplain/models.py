@@ -18,6 +18,11 @@ class ModelLoadError(RuntimeError):
     """A model or its weights could not be loaded; the message says what to do."""
 
 
+class ModelChoiceError(ModelLoadError):
+    """The model asked for cannot work (unknown name, no attention blocks, unusable checkpoint):
+    a usage error, found before any weights are loaded."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How to turn a picture into model input: resize the whole image, then normalise."""
@@ -34,14 +39,14 @@ def check_model_name(name: str) -> str:
         return name
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models('*vit*')`."
-    raise ModelLoadError(f"unknown timm model {name!r}.{hint}")
+    raise ModelChoiceError(f"unknown timm model {name!r}.{hint}")
 
 
 def check_attention_blocks(model: nn.Module, name: str) -> None:
     """Raise unless ``model`` is a ViT-style stack of blocks with self-attention."""
     blocks = getattr(model, "blocks", None)
     if not blocks or not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
-        raise ModelLoadError(
+        raise ModelChoiceError(
             f"{name!r} has no ViT attention blocks (model.blocks[i].attn); "
             "vitexplain explains Vision Transformers such as deit_tiny_patch16_224 or vit_base_patch16_224"
         )
@@ -50,7 +55,7 @@ def check_attention_blocks(model: nn.Module, name: str) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.pth/.pt/.bin`` (plain or nested under ``state_dict``/``model``) or ``.safetensors``."""
     if not path.is_file():
-        raise ModelLoadError(f"checkpoint {str(path)!r} does not exist")
+        raise ModelChoiceError(f"checkpoint {str(path)!r} does not exist")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -59,13 +64,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling and format errors come in many types
-        raise ModelLoadError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+        raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: {error}") from error
     for key in STATE_DICT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelLoadError(f"{str(path)!r} holds no state dict of tensors")
+        raise ModelChoiceError(f"{str(path)!r} holds no state dict of tensors")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -77,15 +82,14 @@ def classifier_num_classes(name: str, state: dict[str, torch.Tensor]) -> int:
     return 0 if weight is None else int(weight.shape[0])
 
 
-def load_checkpoint_model(name: str, path: Path, **model_kwargs) -> nn.Module:
-    """Build architecture ``name`` with the checkpoint's head size and strict-load the checkpoint."""
-    state = read_state_dict(path)
-    model = timm.create_model(name, pretrained=False, num_classes=classifier_num_classes(name, state), **model_kwargs)
+def load_checkpoint_state(model: nn.Module, name: str, state: dict[str, torch.Tensor], assign: bool = False) -> nn.Module:
+    """Strict-load a checkpoint's ``state`` into ``model`` (``assign``: take its tensors as they are),
+    explaining a mismatch."""
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True, assign=assign)
     except RuntimeError as error:
-        raise ModelLoadError(
-            f"checkpoint {str(path)!r} does not fit {name!r}: {str(error).splitlines()[0]} "
+        raise ModelChoiceError(
+            f"the checkpoint does not fit {name!r}: {str(error).splitlines()[0]} "
             "(is --model the architecture it was trained with?)"
         ) from error
     return model
@@ -103,6 +107,43 @@ def load_pretrained_model(name: str, **model_kwargs) -> nn.Module:
         ) from error
 
 
+@dataclass
+class ModelPlan:
+    """A model checked before any weights are loaded: known name, readable checkpoint, ViT architecture."""
+
+    name: str
+    num_classes: int
+    state: dict[str, torch.Tensor] | None  # the checkpoint, read once
+    kwargs: dict
+
+
+def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, **model_kwargs) -> ModelPlan:
+    """Check everything that can fail cheaply: the name, the checkpoint file and the architecture
+    (built on the meta device, no memory, no weights)."""
+    check_model_name(name)
+    state = read_state_dict(Path(checkpoint)) if checkpoint is not None else None
+    kwargs = dict(model_kwargs)
+    if state is not None:
+        kwargs["num_classes"] = classifier_num_classes(name, state)
+    with torch.device("meta"):
+        skeleton = timm.create_model(name, pretrained=False, **kwargs)
+    check_attention_blocks(skeleton, name)
+    if state is not None:
+        load_checkpoint_state(skeleton, name, state, assign=True)  # checks keys and shapes, copies nothing
+    return ModelPlan(name, int(skeleton.num_classes), state, kwargs)
+
+
+def build_model(plan: ModelPlan, pretrained: bool = True) -> nn.Module:
+    """The planned model in eval mode, with the checkpoint's weights, else pretrained ones (or random init)."""
+    if plan.state is not None:
+        model = load_checkpoint_state(timm.create_model(plan.name, pretrained=False, **plan.kwargs), plan.name, plan.state)
+    elif pretrained:
+        model = load_pretrained_model(plan.name, **plan.kwargs)
+    else:
+        model = timm.create_model(plan.name, pretrained=False, **plan.kwargs)
+    return model.eval()
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     checkpoint: str | Path | None = None,
@@ -110,15 +151,7 @@ def load_model(
     **model_kwargs,
 ) -> nn.Module:
     """A timm ViT in eval mode: from ``checkpoint`` if given, else pretrained (or random-init)."""
-    check_model_name(name)
-    if checkpoint is not None:
-        model = load_checkpoint_model(name, Path(checkpoint), **model_kwargs)
-    elif pretrained:
-        model = load_pretrained_model(name, **model_kwargs)
-    else:
-        model = timm.create_model(name, pretrained=False, **model_kwargs)
-    check_attention_blocks(model, name)
-    return model.eval()
+    return build_model(plan_model(name, checkpoint, **model_kwargs), pretrained)
 
 
 def preprocessing_for(model: nn.Module) -> Preprocessing:

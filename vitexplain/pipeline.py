@@ -11,8 +11,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from .data import make_loader
-from .explainers import Explainer
+from .data import Batch, Failure, make_loader
+from .explainers import EXPLAINERS, Explainer
 from .models import Preprocessing
 from .render import contact_sheet, fit_within, gif_bytes, overlay
 from .sweep import ratios_tag, sweep_frames
@@ -43,10 +43,12 @@ SWEEP_MAX_SIDE = 320  # GIF frames are downscaled to this longer side unless tol
 
 @dataclass
 class RunSummary:
-    images: int = 0
+    images: int = 0  # inputs handled: explained or failed
     outputs: int = 0
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    interrupted: bool = False
 
     @property
     def images_per_second(self) -> float:
@@ -105,19 +107,41 @@ def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dic
     return files
 
 
-def ratio_fields(explainer: Explainer, sweep: SweepOptions | None) -> dict:
-    if sweep:
-        return {"discard_ratios": list(sweep.ratios)}
-    return {"discard_ratio": explainer.discard_ratio}
+@dataclass(frozen=True)
+class Request:
+    """What one command asks of every image: method, parameters, targets, and a sweep or not."""
 
+    method: str
+    fusion: str = "mean"
+    discard_ratio: float = 0.9
+    classes: tuple[int, ...] | None = None  # None: each image's top-1 (class-specific methods)
+    sweep: SweepOptions | None = None
 
-def output_label(explainer: Explainer, target: int | None, sweep: SweepOptions | None) -> str:
-    """``rollout_max_d0.9``, ``grad-rollout_mean_d0.9_c243``, ``rollout-sweep_mean_r0-0.99x20``."""
-    if sweep:
-        params = {"fusion": explainer.fusion, "ratios": ratios_tag(sweep.ratios), "target": target}
-        return f"{explainer.name}-sweep_{format_params(params)}"
-    params = {"fusion": explainer.fusion, "discard_ratio": explainer.discard_ratio, "target": target}
-    return f"{explainer.name}_{format_params(params)}"
+    @classmethod
+    def of(cls, explainer: Explainer, classes: Sequence[int] | None = None, sweep: SweepOptions | None = None) -> "Request":
+        return cls(explainer.name, explainer.fusion, explainer.discard_ratio, tuple(classes) if classes else None, sweep)
+
+    @property
+    def outputs_per_image(self) -> int:
+        return len(self.classes) if self.classes else 1
+
+    def label(self, target: int | str | None) -> str:
+        """``rollout_max_d0.9``, ``grad-rollout_mean_d0.9_c243``, ``rollout-sweep_mean_r0-0.99x20``."""
+        if self.sweep:
+            params = {"fusion": self.fusion, "ratios": ratios_tag(self.sweep.ratios), "target": target}
+            return f"{self.method}-sweep_{format_params(params)}"
+        params = {"fusion": self.fusion, "discard_ratio": self.discard_ratio, "target": target}
+        return f"{self.method}_{format_params(params)}"
+
+    @property
+    def key(self) -> str:
+        """The request, independent of the image, as recorded in the manifest: ``grad-rollout_mean_d0.9_ctop1``."""
+        targets = ",".join(map(str, self.classes)) if self.classes else ("top1" if EXPLAINERS[self.method].class_specific else None)
+        return self.label(targets)
+
+    def fields(self) -> dict:
+        ratios = {"discard_ratios": list(self.sweep.ratios)} if self.sweep else {"discard_ratio": self.discard_ratio}
+        return {"request": self.key, "method": self.method, "fusion": self.fusion, **ratios}
 
 
 def write_output(writer: OutputWriter, path: Path, label: str, original: np.ndarray, masks: np.ndarray,
@@ -154,42 +178,68 @@ class OrderedBackground:
         return results
 
 
+def remaining_paths(paths: Sequence[Path], writer: OutputWriter, request: Request) -> list[Path]:
+    """The paths whose outputs for ``request`` are not all complete and in the manifest already."""
+    done = writer.completed_outputs(request.key)
+    return [p for p in paths if done[p.resolve()] < request.outputs_per_image]
+
+
 def explain_paths(
     explainer: Explainer,
     paths: Sequence[Path],
     prep: Preprocessing,
     writer: OutputWriter,
     class_names: Sequence[str],
-    classes: Sequence[int] | None = None,
+    request: Request | None = None,
     render: RenderOptions = RenderOptions(),
     batch_size: int = 8,
     num_workers: int = 0,
     device: torch.device = torch.device("cpu"),
     on_images: Callable[[int], None] = lambda n: None,
-    sweep: SweepOptions | None = None,
+    on_failure: Callable[[Failure], None] = lambda failure: None,
 ) -> RunSummary:
-    """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set)."""
+    """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set).
+
+    Images that cannot be decoded are reported through ``on_failure`` and recorded in the manifest;
+    the rest go on. On ``KeyboardInterrupt`` (Ctrl-C) the outputs already computed are finished and
+    recorded, and the summary says ``interrupted``: rerunning the same command does the rest.
+    """
     summary = RunSummary()
     started = time.perf_counter()
+    request = request or Request.of(explainer)
     background = OrderedBackground(max_pending=4 * batch_size)
-    loader = make_loader(paths, prep, batch_size, num_workers, pin_memory=device.type == "cuda")
-    for batch in loader:
-        ratios = sweep.ratios if sweep else None
-        explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), classes, ratios)
-        probabilities = explanation.probabilities.cpu()
-        masks = explanation.masks.cpu().numpy().astype(np.float32)
-        targets = None if explanation.targets is None else explanation.targets.cpu()
-        for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
-            for column in range(masks.shape[1]):
-                target = None if targets is None else int(targets[row, column])
-                record = {"method": explainer.name, "fusion": explainer.fusion, **ratio_fields(explainer, sweep),
-                          **prediction_record(probabilities[row], target, class_names)}
-                label = output_label(explainer, target, sweep)
-                background.submit(write_output, writer, path, label, original, masks[row, column], record, render, sweep)
-        summary.records.extend(map(writer.append_manifest, background.completed()))
-        summary.images += len(batch.paths)
-        on_images(len(batch.paths))
-    summary.records.extend(map(writer.append_manifest, background.drain()))
+    try:
+        for batch in make_loader(paths, prep, batch_size, num_workers, pin_memory=device.type == "cuda"):
+            for failure in batch.failures:
+                writer.record_failure(failure.path, failure.reason, request.key)
+                summary.failures.append(failure)
+                on_failure(failure)
+            if batch.paths:
+                submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
+            summary.records.extend(map(writer.append_manifest, background.completed()))
+            summary.images += len(batch.paths) + len(batch.failures)
+            on_images(len(batch.paths) + len(batch.failures))
+    except KeyboardInterrupt:
+        summary.interrupted = True
+    finally:
+        summary.records.extend(map(writer.append_manifest, background.drain()))
     summary.outputs = len(summary.records)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
+                   request: Request, writer: OutputWriter, render: RenderOptions, background: "OrderedBackground") -> None:
+    """Explain one batch and queue the rendering and writing of its outputs."""
+    sweep = request.sweep
+    explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), request.classes,
+                                    sweep.ratios if sweep else None)
+    probabilities = explanation.probabilities.cpu()
+    masks = explanation.masks.cpu().numpy().astype(np.float32)
+    targets = None if explanation.targets is None else explanation.targets.cpu()
+    for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
+        for column in range(masks.shape[1]):
+            target = None if targets is None else int(targets[row, column])
+            record = {**request.fields(), **prediction_record(probabilities[row], target, class_names)}
+            background.submit(write_output, writer, path, request.label(target), original, masks[row, column], record,
+                              render, sweep)

@@ -60,12 +60,33 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+FILE_FIELDS = ("overlay", "raw", "gif", "grid")
+
+
+class OutputError(OSError):
+    """The output folder cannot be written."""
+
+
+def check_writable(folder: Path) -> Path:
+    """Create ``folder`` if needed and prove it writable with a probe file; raise :class:`OutputError` if not."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to {str(folder)!r}: {error.strerror or error}") from None
+    return folder
+
+
 class OutputWriter:
-    """Writes each output's files atomically and one manifest line per output."""
+    """Writes each output's files atomically and one manifest line per output (or failed input).
+
+    Every line names its ``request`` (method and parameters, independent of the image), so that a
+    rerun of the same command can tell which inputs are already complete.
+    """
 
     def __init__(self, out_dir: Path, input_paths: Sequence[Path]):
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = check_writable(Path(out_dir))
         self.stems = output_stems(input_paths)
         self.manifest_path = self.out_dir / MANIFEST_NAME
 
@@ -82,10 +103,42 @@ class OutputWriter:
         for field_name, (suffix, data) in files.items():
             paths[field_name] = self.out_dir / f"{name}{suffix}"
             atomic_write_bytes(paths[field_name], data)
-        return {"input": str(input_path), **record, **{field_name: str(path) for field_name, path in paths.items()}}
+        return {"input": str(input_path), "status": "ok", **record,
+                **{field_name: str(path) for field_name, path in paths.items()}}
 
     def append_manifest(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Append ``entry`` as one JSON line to the manifest; returns it."""
         with self.manifest_path.open("a", encoding="utf-8") as manifest:
             manifest.write(json.dumps(entry) + "\n")
         return entry
+
+    def record_failure(self, input_path: Path, reason: str, request: str) -> dict[str, Any]:
+        return self.append_manifest({"input": str(input_path), "status": "failed", "request": request, "error": reason})
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The manifest's entries (a line cut short by a killed process is ignored)."""
+        if not self.manifest_path.is_file():
+            return []
+        entries = []
+        for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return entries
+
+    def completed_outputs(self, request: str) -> Counter:
+        """Per input (resolved path), how many complete outputs of ``request`` the manifest lists
+        whose files all still exist."""
+        done: Counter = Counter()
+        for entry in self.entries():
+            if entry.get("status") == "ok" and entry.get("request") == request and all(
+                    Path(entry[f]).is_file() for f in FILE_FIELDS if entry.get(f)):
+                done[Path(entry["input"]).resolve()] += 1
+        return done
+
+    def forget(self, request: str, inputs: Sequence[Path]) -> None:
+        """Drop the manifest lines of ``request`` for ``inputs`` (before recomputing them)."""
+        targets = {Path(p).resolve() for p in inputs}
+        kept = [e for e in self.entries() if not (e.get("request") == request and Path(e["input"]).resolve() in targets)]
+        atomic_write_bytes(self.manifest_path, "".join(json.dumps(e) + "\n" for e in kept).encode())
