@@ -142,7 +142,7 @@ def prepare(line: CommandLine) -> Prepared:
 
 
 def report_failure(failure: Failure) -> None:
-    console.print(f"[yellow]failed:[/] {failure.path}: {failure.reason}", highlight=False)
+    console.print(f"[yellow]failed:[/] {failure.path}: {failure.reason}", highlight=False, soft_wrap=True)
 
 
 def run(line: CommandLine) -> RunSummary:
@@ -202,7 +202,7 @@ def interrupt(signum, frame) -> None:
 def print_summary(summary: RunSummary, failed: int, skipped: int, writer: OutputWriter, device: torch.device) -> None:
     explained = summary.images - len(summary.failures)
     parts = [f"{explained} images → {summary.outputs} outputs in {writer.out_dir}/"]
-    if summary.seconds:
+    if summary.seconds and explained:
         parts.append(f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {device}")
     if skipped:
         parts.append(f"{skipped} already complete, skipped (--overwrite to redo them)")

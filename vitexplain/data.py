@@ -105,12 +105,14 @@ def load_rgb(path: Path) -> np.ndarray:
     (89.5 megapixels) are refused (decompression-bomb protection).
     """
     try:
+        if path.stat().st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 return to_rgb_array(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageDecodeError(f"refused, too many pixels (decompression bomb?): {error}") from None
+        raise ImageDecodeError(f"refused as a possible decompression bomb: {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image, or a format Pillow cannot read") from None
     except PermissionError:
