@@ -130,7 +130,8 @@ def test_every_bad_input_is_reported_recorded_and_the_rest_processed(tmp_path, u
     assert set(failed) == set(expected_failures)
     for name, reason in expected_failures.items():
         assert reason in failed[name], (name, failed[name])
-        assert f"{name}: {reason}" in text.replace(str(uncurated) + "/", "").replace(str(tmp_path) + "/", "")
+        shown = text.replace(str(uncurated) + "/", "").replace(str(tmp_path) + "/", "")
+        assert f"{name}: {reason}" in shown, (shown[shown.find(name) - 5:shown.find(name) + 60])
     done = {Path(e["input"]).name: e for e in entries if e["status"] == "ok"}
     assert sorted(done) == sorted(GOOD)
     for name, entry in done.items():

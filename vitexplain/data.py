@@ -104,9 +104,9 @@ def load_rgb(path: Path) -> np.ndarray:
     to 8 bits; transparent images are composited on white. Images over ``Image.MAX_IMAGE_PIXELS``
     (89.5 megapixels) are refused (decompression-bomb protection).
     """
+    if path.is_file() and path.stat().st_size == 0:
+        raise ImageDecodeError("empty file (0 bytes)")
     try:
-        if path.stat().st_size == 0:
-            raise ImageDecodeError("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
