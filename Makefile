@@ -50,6 +50,8 @@ gallery:
 bench: install
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/sweep.py
+	$(BIN)/python benchmarks/throughput.py
+	$(BIN)/python benchmarks/memory.py
 
 clean:
 	rm -rf $(OUT) .pytest_cache

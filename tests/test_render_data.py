@@ -32,7 +32,8 @@ def test_overlay_blends_at_image_size():
     assert heat.shape == (30, 50, 3)
     assert heat[:, 0].max() == 0 and heat[:, -1].min() == 255  # left patch 0 → black, right patch 1 → white
     half = overlay(image, np.ones((2, 2)), "gray", alpha=0.5)
-    assert np.all(half == 178)  # round(0.5·100 + 0.5·255) = 177.5 → 178
+    assert np.all(half == 177)  # 0.5·100 + 0.5·255 = 177.5, truncated by Pillow's blend
+    assert np.all(overlay(image, np.zeros((2, 2)), "gray", alpha=0.3) == 70)  # 0.7·100 + 0.3·0
     with pytest.raises(ValueError, match="alpha"):
         overlay(image, mask, alpha=1.5)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -50,12 +50,14 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def explicit_attention(model: nn.Module) -> Iterator[list[Tensor]]:
-    """Within the context, each block's attention probabilities are appended to the yielded list."""
+def explicit_attention(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[list[Tensor]]:
+    """Within the context, each block's attention probabilities (passed through ``reduce``, if given,
+    as they are produced) are appended to the yielded list."""
     modules = attention_modules(model)
     recorded: list[Tensor] = []
     saved = [getattr(m, "fused_attn", None) for m in modules]
-    hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(out)) for m in modules]
+    keep = reduce or (lambda attention: attention)
+    hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(keep(out))) for m in modules]
     for module in modules:
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
@@ -135,19 +137,23 @@ def latent_pool_attention(pool: nn.Module, tokens: Tensor) -> Tensor:
     return attention.mean(dim=(1, 2))
 
 
-def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False) -> Capture:
+def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
+                      reduce: Callable[[Tensor], Tensor] | None = None) -> Capture:
     """Run ``model`` on ``images`` ``(B, 3, H, W)`` and record what the methods need.
 
     With ``with_grad`` the graph is kept so that :meth:`Capture.gradients` can
-    differentiate target logits with respect to each layer's attention.
+    differentiate target logits with respect to each layer's attention. ``reduce``
+    is applied to each layer's attention as soon as it is produced (e.g. fusing
+    heads: ``(B, H, N, N) → (B, 1, N, N)``), so that the full maps of all layers
+    never need to be held at once.
     """
     layout = token_layout(model, tuple(images.shape[-2:]))
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
-    with grad_mode, explicit_attention(model) as attentions, pool_input(model) as pooled:
+    with grad_mode, explicit_attention(model, reduce) as attentions, pool_input(model) as pooled:
         logits = model(images)
     if len(attentions) != len(model.blocks):
         raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
-    if attentions[0].shape[-1] != layout.num_tokens:
+    if attentions[0].shape[-1] != layout.num_tokens:  # checked on the last axis, which reduce keeps
         raise RuntimeError(
             f"attention covers {attentions[0].shape[-1]} tokens, expected {layout.num_prefix_tokens} prefix + "
             f"{layout.grid[0]}×{layout.grid[1]} patches"

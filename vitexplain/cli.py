@@ -1,6 +1,7 @@
 """``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
 
 import inspect
+import os
 import signal
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -10,6 +11,7 @@ from typing import Annotated, Callable, Optional
 import torch
 import typer
 from rich.console import Console
+from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .data import Failure, find_images
@@ -17,11 +19,12 @@ from .explainers import EXPLAINERS
 from .methods.flow import SOLVERS
 from .models import (DEFAULT_MODEL, ModelChoiceError, ModelLoadError, ModelPlan, build_model, class_names_for,
                      class_synonyms_for, plan_model, preprocessing_for, resolve_class)
+from .profiling import STAGE_HELP, STAGES, StageTimer
 from .pipeline import (Request, RenderOptions, RunSummary, SweepOptions, explain_paths, remaining_paths,
                        resolve_device)
 from .sweep import RATIOS_HELP, parse_ratios
 from .render import COLORMAPS
-from .writer import MANIFEST_NAME, OutputError, OutputWriter, check_writable
+from .writer import IMAGE_FORMATS, OutputError, OutputWriter, check_writable
 
 EXIT_CODES_HELP = "Exit codes: 0 all inputs explained; 1 some inputs failed (see manifest.jsonl); 2 usage error; 130 interrupted."
 app = typer.Typer(
@@ -52,7 +55,10 @@ DiscardOpt = Annotated[
 ]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.")]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto = CUDA, then MPS, then CPU.")]
-WorkersOpt = Annotated[int, typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images.")]
+WorkersOpt = Annotated[
+    Optional[int],
+    typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images. Default: half the CPU cores, at most 4.", show_default=False),
+]
 ColormapOpt = Annotated[ColormapChoice, typer.Option("--colormap", help="Heatmap colours.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
 SaveRawOpt = Annotated[bool, typer.Option("--save-raw", help="Also save each patch-grid mask as float32 .npy.")]
@@ -76,6 +82,10 @@ MaxSideOpt = Annotated[
     Optional[int],
     typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 320).", show_default=False),
 ]
+FormatChoice = Enum("FormatChoice", {name: name for name in IMAGE_FORMATS}, type=str)
+FormatOpt = Annotated[FormatChoice, typer.Option("--format", help="Overlay file format: png (lossless) or jpg (much faster to write, smaller).")]
+ProfileOpt = Annotated[bool, typer.Option("--profile", help="Report where the time went: decode, model, method, write.")]
+AmpOpt = Annotated[bool, typer.Option("--amp", help="Forward pass in bfloat16/float16 autocast (GPU; bfloat16 on CPU); attention math stays float32.")]
 OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", help="Recompute outputs that a previous run of the same command completed (default: skip them)."),
 ]
@@ -102,6 +112,8 @@ class CommandLine:
     solver: str
     sweep: SweepOptions | None
     overwrite: bool = False
+    profile: bool = False
+    amp: bool = False
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -178,8 +190,10 @@ def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWrit
         raise fail(str(error)) from None
     explainer_class = EXPLAINERS[line.method]
     options = {"solver": line.solver} if "solver" in explainer_class.options else {}
-    explainer = explainer_class(network, fusion=line.fusion, discard_ratio=line.discard_ratio, **options)
+    explainer = explainer_class(network, fusion=line.fusion, discard_ratio=line.discard_ratio,
+                                amp=amp_dtype(ready.device) if line.amp else None, **options)
     stretch = explainer.stretch_overlay if line.stretch is None else line.stretch
+    timer = StageTimer(ready.device) if line.profile else None
     previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:
         with progress_bar() as progress:
@@ -189,10 +203,34 @@ def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWrit
             return explain_paths(
                 explainer, todo, preprocessing_for(network), writer, ready.class_names, ready.request,
                 replace(line.render, stretch=stretch), line.batch_size, line.num_workers, ready.device,
-                on_images=lambda n: progress.advance(task, n), on_failure=report_failure,
+                on_images=lambda n: progress.advance(task, n), on_failure=report_failure, timer=timer,
             )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
+        if timer is not None:
+            print_profile(timer, todo)
+
+
+def default_workers() -> int:
+    """Half the CPU cores (the model's threads need the rest), at most 4."""
+    return min(4, (os.cpu_count() or 2) // 2)
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 where supported (CPU, recent GPUs), float16 otherwise."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.float16 if device.type == "mps" else torch.bfloat16
+
+
+def print_profile(timer: StageTimer, todo: list[Path]) -> None:
+    table = Table(title="where the time went", title_justify="left")
+    for column in ("stage", "seconds", "ms / image", "what"):
+        table.add_column(column, justify="right" if column in ("seconds", "ms / image") else "left")
+    for stage in STAGES:
+        seconds = timer.seconds.get(stage, 0.0)
+        table.add_row(stage, f"{seconds:.2f}", f"{1000 * seconds / max(1, len(todo)):.1f}", STAGE_HELP[stage])
+    console.print(table)
 
 
 def interrupt(signum, frame) -> None:
@@ -220,7 +258,7 @@ def progress_bar() -> Progress:
 
 
 COMMON = {"inputs", "out", "model", "checkpoint", "fusion", "batch_size", "device", "num_workers", "colormap",
-          "alpha", "save_raw", "stretch", "max_side", "overwrite"}
+          "alpha", "save_raw", "stretch", "max_side", "overwrite", "image_format", "profile", "amp"}
 COMMAND_OPTIONS = {
     "rollout": COMMON | {"discard_ratio"},
     "grad-rollout": COMMON | {"discard_ratio", "classes"},
@@ -244,13 +282,16 @@ def make_command(name: str) -> Callable[..., None]:
         discard_ratio: DiscardOpt = 0.9,
         batch_size: BatchOpt = 8,
         device: DeviceOpt = DeviceChoice.auto,
-        num_workers: WorkersOpt = 0,
+        num_workers: WorkersOpt = None,
         colormap: ColormapOpt = ColormapChoice.jet,
         alpha: AlphaOpt = 0.5,
         stretch: StretchOpt = None,
         save_raw: SaveRawOpt = False,
         max_side: MaxSideOpt = None,
+        image_format: FormatOpt = FormatChoice.png,
         overwrite: OverwriteOpt = False,
+        profile: ProfileOpt = False,
+        amp: AmpOpt = False,
         solver: SolverOpt = SolverChoice.dinic,
         gif: GifOpt = True,
         grid: GridOpt = False,
@@ -264,10 +305,11 @@ def make_command(name: str) -> Callable[..., None]:
                 raise fail(str(error), code=2) from None
             if not (gif or grid or save_raw):
                 raise fail("nothing to write: give --gif, --grid or --save-raw", code=2)
+        render = RenderOptions(colormap.value, alpha, save_raw, max_side=max_side, image_format=image_format.value)
         run(CommandLine(
             method.value if name == "sweep" else name, inputs, out, model, checkpoint, fusion.value, discard_ratio,
-            batch_size, device.value, num_workers, RenderOptions(colormap.value, alpha, save_raw, max_side=max_side), stretch,
-            classes, solver.value, sweep, overwrite,
+            batch_size, device.value, default_workers() if num_workers is None else num_workers, render, stretch, classes,
+            solver.value, sweep, overwrite, profile, amp,
         ))
 
     signature = inspect.signature(command)

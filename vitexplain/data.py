@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
+import ctypes
 import errno
 import os
+import time
 import warnings
 
 import numpy as np
@@ -97,13 +99,14 @@ def unusable_path_reason(path: Path) -> str:
     return "not a regular file"
 
 
-def load_rgb(path: Path) -> np.ndarray:
+def load_rgb(path: str | Path) -> np.ndarray:
     """Decode ``path`` as an ``(H, W, 3)`` uint8 RGB array; raise :class:`ImageDecodeError` saying why not.
 
     EXIF orientation is honoured; animated images give their first frame; 16-bit images are scaled
     to 8 bits; transparent images are composited on white. Images over ``Image.MAX_IMAGE_PIXELS``
     (89.5 megapixels) are refused (decompression-bomb protection).
     """
+    path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -153,6 +156,7 @@ class Batch:
     paths: list[Path]
     originals: list[np.ndarray]
     failures: list[Failure] = field(default_factory=list)
+    decode_seconds: float = 0.0  # summed over the batch's images
 
     def pin_memory(self) -> "Batch":
         self.pixels = self.pixels.pin_memory()
@@ -173,12 +177,30 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None]:
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None, float]:
+        started = time.perf_counter()
         try:
             rgb = load_rgb(self.paths[index])
         except ImageDecodeError as error:
-            return index, None, None, str(error)
-        return index, to_model_input(rgb, self.prep), rgb, None
+            return index, None, None, str(error), time.perf_counter() - started
+        return index, to_model_input(rgb, self.prep), rgb, None, time.perf_counter() - started
+
+
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps per-thread arenas otherwise, and a long run's
+    resident size creeps up with every large image the writer threads decoded or encoded)."""
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
 
 
 class CollateBatch:
@@ -188,12 +210,13 @@ class CollateBatch:
         self.paths = list(paths)
         self.empty = torch.zeros(0, 3, *prep.size)
 
-    def __call__(self, items: list[tuple[int, torch.Tensor | None, np.ndarray | None, str | None]]) -> Batch:
+    def __call__(self, items: list[tuple[int, torch.Tensor | None, np.ndarray | None, str | None, float]]) -> Batch:
         good = [item for item in items if item[3] is None]
-        failures = [Failure(self.paths[i], reason) for i, _, _, reason in items if reason is not None]
-        pixels = torch.stack([x for _, x, _, _ in good]) if good else self.empty
-        return Batch(pixels, [i for i, *_ in good], [self.paths[i] for i, *_ in good], [rgb for _, _, rgb, _ in good],
-                     failures)
+        failures = [Failure(self.paths[item[0]], item[3]) for item in items if item[3] is not None]
+        pixels = torch.stack([item[1] for item in good]) if good else self.empty
+        release_freed_memory()  # in worker processes too: their heap would creep up the same way
+        return Batch(pixels, [item[0] for item in good], [self.paths[item[0]] for item in good],
+                     [item[2] for item in good], failures, sum(item[4] for item in items))
 
 
 def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:

@@ -11,12 +11,14 @@ many discard ratios costs one forward (and one backward) pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .capture import Capture, capture_attention
+from .profiling import no_timer
 from .methods.base import Fusion, check_discard_ratio, fuse_heads, fuse_layers, transitions_by_ratio
 from .methods.flow import attention_flow, check_solver
 from .methods.grad_rollout import gradient_weighting
@@ -50,17 +52,36 @@ class Explainer:
     on_progress: Callable[[int, int], None] = staticmethod(lambda done, total: None)  # within-image progress
     stretch_overlay = False  # draw overlays over the mask's own min..max range by default
 
-    def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9):
+    timer: Callable[[str], ContextManager] = staticmethod(no_timer)  # a StageTimer when profiling
+
+    def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9,
+                 amp: torch.dtype | None = None):
+        """``amp``: run the forward pass under autocast with this dtype (bfloat16/float16); the
+        attention math stays in float32."""
         fuse_heads(torch.zeros(1, 1, 1, 1), fusion)  # validates the name
         self.model = model.eval()
         self.fusion = fusion
         self.discard_ratio = check_discard_ratio(discard_ratio)
+        self.amp = amp
 
     def capture(self, images: Tensor) -> Capture:
-        return capture_attention(self.model, images, with_grad=self.class_specific)
+        autocast = torch.autocast(images.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            return capture_attention(self.model, images, with_grad=self.class_specific, reduce=self.reduce_attention)
 
-    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
-        """Head-fused per-layer maps ``L × (B, N, N)`` for one ``(B,)`` target (or none)."""
+    def reduce_attention(self, attention: Tensor) -> Tensor:
+        """Applied to each layer's attention as it is recorded. Class-agnostic methods need only the
+        head-fused map, so they keep ``(B, 1, N, N)`` (H× less memory); gradient methods keep every head."""
+        if self.class_specific:
+            return attention
+        return fuse_heads(attention.float(), self.fusion).unsqueeze(1)
+
+    def gradients(self, capture: Capture, target: Tensor | None, retain_graph: bool) -> list[Tensor] | None:
+        """Per-layer ``∂y_target/∂A`` for class-specific methods; ``None`` otherwise."""
+        return None
+
+    def fused_layers(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
+        """Head-fused per-layer maps ``L × (B, N, N)`` (for one target's ``gradients``, if any)."""
         raise NotImplementedError
 
     def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratios: Sequence[float]) -> Tensor:
@@ -71,15 +92,15 @@ class Explainer:
                 discard_ratios: Sequence[float] | None = None) -> Explanation:
         """Masks for each class in ``classes`` (class-specific methods; default top-1) and each ratio."""
         ratios = tuple(check_discard_ratio(r) for r in (discard_ratios or (self.discard_ratio,)))
-        capture = self.capture(images)
-        logits = capture.logits.detach()
-        targets = self.targets(logits, classes)
-        per_target = []
-        for i, target in enumerate(targets):
-            fused = self.fused_layers(capture, target, retain_graph=i < len(targets) - 1)
-            per_target.append(self.masks(fused, capture, ratios))
+        with self.timer("model"):
+            capture = self.capture(images)
+            logits = capture.logits.detach()
+            targets = self.targets(logits, classes)
+            gradients = [self.gradients(capture, t, retain_graph=i < len(targets) - 1) for i, t in enumerate(targets)]
+        with self.timer("method"):
+            masks = torch.stack([self.masks(self.fused_layers(capture, g), capture, ratios) for g in gradients], dim=1)
         stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)
-        return Explanation(torch.stack(per_target, dim=1), logits, stacked_targets, ratios)
+        return Explanation(masks, logits, stacked_targets, ratios)
 
     def targets(self, logits: Tensor, classes: Sequence[int | Tensor] | None) -> list[Tensor | None]:
         if not self.class_specific:
@@ -99,7 +120,7 @@ class AttentionRollout(Explainer):
 
     name = "rollout"
 
-    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
+    def fused_layers(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
         return fuse_layers(rollout_weighting(capture.attentions), self.fusion)
 
 
@@ -110,8 +131,10 @@ class GradientRollout(Explainer):
     class_specific = True
     options = ("classes",)
 
-    def fused_layers(self, capture: Capture, target: Tensor | None, retain_graph: bool = False) -> list[Tensor]:
-        gradients = capture.gradients(target, retain_graph=retain_graph)
+    def gradients(self, capture: Capture, target: Tensor | None, retain_graph: bool) -> list[Tensor] | None:
+        return capture.gradients(target, retain_graph=retain_graph)
+
+    def fused_layers(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
         attentions = [a.detach() for a in capture.attentions]
         return fuse_layers(gradient_weighting(attentions, gradients), self.fusion)
 
@@ -123,8 +146,9 @@ class AttentionFlow(AttentionRollout):
     options = ("solver",)
     stretch_overlay = True  # flow values are high almost everywhere; the contrast is in the differences
 
-    def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9, solver: str = "dinic"):
-        super().__init__(model, fusion, discard_ratio)
+    def __init__(self, model: nn.Module, fusion: Fusion = "mean", discard_ratio: float = 0.9,
+                 amp: torch.dtype | None = None, solver: str = "dinic"):
+        super().__init__(model, fusion, discard_ratio, amp)
         self.solver = check_solver(solver)
 
     def masks(self, fused: Sequence[Tensor], capture: Capture, discard_ratios: Sequence[float]) -> Tensor:

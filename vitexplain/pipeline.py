@@ -6,17 +6,18 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from .data import Batch, Failure, make_loader
+from .data import Batch, Failure, make_loader, release_freed_memory
 from .explainers import EXPLAINERS, Explainer
 from .models import Preprocessing
+from .profiling import StageTimer, no_timer
 from .render import contact_sheet, fit_within, gif_bytes, overlay
 from .sweep import ratios_tag, sweep_frames
-from .writer import OutputWriter, format_params, npy_bytes, png_bytes
+from .writer import OutputWriter, format_params, image_bytes, npy_bytes
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class RenderOptions:
     save_raw: bool = False
     stretch: bool = False
     max_side: int | None = None  # downscale pictures to this longer side (None: the image's own size)
+    image_format: str = "png"  # overlays and contact sheets: png or jpg
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, by
     """Overlay PNG (and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
     if render.max_side:
         image = fit_within(image, render.max_side)
-    files = {"overlay": (".png", png_bytes(overlay(image, masks[0], render.colormap, render.alpha, render.stretch)))}
+    picture = overlay(image, masks[0], render.colormap, render.alpha, render.stretch)
+    files = {"overlay": (f".{render.image_format}", image_bytes(picture, render.image_format))}
     if render.save_raw:
         files["raw"] = (".npy", npy_bytes(masks[0]))
     return files
@@ -101,7 +104,7 @@ def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dic
     if sweep.gif:
         files["gif"] = (".gif", gif_bytes(frames, sweep.fps))
     if sweep.grid:
-        files["grid"] = ("_grid.png", png_bytes(contact_sheet(frames)))
+        files["grid"] = (f"_grid.{render.image_format}", image_bytes(contact_sheet(frames), render.image_format))
     if render.save_raw:
         files["raw"] = (".npy", npy_bytes(masks))
     return files
@@ -145,10 +148,11 @@ class Request:
 
 
 def write_output(writer: OutputWriter, path: Path, label: str, original: np.ndarray, masks: np.ndarray,
-                 record: dict, render: RenderOptions, sweep: SweepOptions | None) -> dict:
+                 record: dict, render: RenderOptions, sweep: SweepOptions | None, timer=no_timer) -> dict:
     """Render one output (overlay, or a sweep's GIF / sheet), write its files, return its manifest entry."""
-    files = sweep_files(original, masks, render, sweep) if sweep else single_files(original, masks, render)
-    return writer.write(path, label, files, record)
+    with timer("write"):
+        files = sweep_files(original, masks, render, sweep) if sweep else single_files(original, masks, render)
+        return writer.write(path, label, files, record)
 
 
 class OrderedBackground:
@@ -197,39 +201,59 @@ def explain_paths(
     device: torch.device = torch.device("cpu"),
     on_images: Callable[[int], None] = lambda n: None,
     on_failure: Callable[[Failure], None] = lambda failure: None,
+    timer: StageTimer | None = None,
 ) -> RunSummary:
     """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set).
 
     Images that cannot be decoded are reported through ``on_failure`` and recorded in the manifest;
     the rest go on. On ``KeyboardInterrupt`` (Ctrl-C) the outputs already computed are finished and
     recorded, and the summary says ``interrupted``: rerunning the same command does the rest.
+    With a ``timer``, wall time is summed per stage (see :mod:`vitexplain.profiling`).
     """
     summary = RunSummary()
     started = time.perf_counter()
     request = request or Request.of(explainer)
-    background = OrderedBackground(max_pending=4 * batch_size)
+    background = OrderedBackground(max_pending=2 * batch_size)
+    explainer.timer = timer or no_timer
     try:
-        for batch in make_loader(paths, prep, batch_size, num_workers, pin_memory=device.type == "cuda"):
+        for batch in timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer):
             for failure in batch.failures:
                 writer.record_failure(failure.path, failure.reason, request.key)
                 summary.failures.append(failure)
                 on_failure(failure)
             if batch.paths:
-                submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
+                submit_outputs(explainer, batch, device, class_names, request, writer, render, background, timer)
             summary.records.extend(map(writer.append_manifest, background.completed()))
+            release_freed_memory()
             summary.images += len(batch.paths) + len(batch.failures)
             on_images(len(batch.paths) + len(batch.failures))
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
         summary.records.extend(map(writer.append_manifest, background.drain()))
+        explainer.timer = no_timer
     summary.outputs = len(summary.records)
     summary.seconds = time.perf_counter() - started
     return summary
 
 
+def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator[Batch]:
+    """The loader's batches; with a ``timer``, the decode time and the main thread's wait are added to it."""
+    batches = iter(loader)
+    while True:
+        started = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        if timer is not None:
+            timer.add("wait", time.perf_counter() - started)
+            timer.add("decode", batch.decode_seconds)
+        yield batch
+
+
 def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
-                   request: Request, writer: OutputWriter, render: RenderOptions, background: "OrderedBackground") -> None:
+                   request: Request, writer: OutputWriter, render: RenderOptions, background: "OrderedBackground",
+                   timer: StageTimer | None = None) -> None:
     """Explain one batch and queue the rendering and writing of its outputs."""
     sweep = request.sweep
     explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), request.classes,
@@ -242,4 +266,4 @@ def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, cla
             target = None if targets is None else int(targets[row, column])
             record = {**request.fields(), **prediction_record(probabilities[row], target, class_names)}
             background.submit(write_output, writer, path, request.label(target), original, masks[row, column], record,
-                              render, sweep)
+                              render, sweep, timer or no_timer)

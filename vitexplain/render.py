@@ -7,7 +7,6 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
@@ -34,22 +33,17 @@ def colormap_table(name: str, size: int = 256) -> np.ndarray:
     return np.round(table).astype(np.uint8)
 
 
-def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of ``(R, gh, gw)`` masks to ``(R, H, W)``, clipped to [0, 1]."""
-    grid = torch.as_tensor(np.asarray(masks, dtype=np.float32))[:, None]
-    resized = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    return resized[:, 0].clamp_(0.0, 1.0).numpy()
-
-
 def upsample_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a ``(gh, gw)`` mask to ``size`` (H, W), clipped to [0, 1]."""
-    return upsample_masks(np.asarray(mask, dtype=np.float32)[None], size)[0]
+    """Bilinear resize of a ``(gh, gw)`` mask to ``size`` (H, W), clipped to [0, 1] (Pillow, float32)."""
+    grid = Image.fromarray(np.ascontiguousarray(np.asarray(mask, dtype=np.float32)))
+    return np.clip(np.asarray(grid.resize((size[1], size[0]), Image.Resampling.BILINEAR)), 0.0, 1.0)
 
 
-def colorize(values: np.ndarray, colormap: str) -> np.ndarray:
-    """Map values in [0, 1] ``(..., H, W)`` to ``(..., H, W, 3)`` uint8 colours."""
-    table = colormap_table(colormap)
-    return table[np.round(values * (len(table) - 1)).astype(np.intp)]
+def heat_image(values: np.ndarray, colormap: str) -> Image.Image:
+    """An RGB picture of ``values`` in [0, 1] through ``colormap`` (a palette lookup in Pillow)."""
+    heat = Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
+    heat.putpalette(colormap_table(colormap).tobytes())
+    return heat.convert("RGB")
 
 
 def stretch_contrast(mask: np.ndarray) -> np.ndarray:
@@ -58,30 +52,26 @@ def stretch_contrast(mask: np.ndarray) -> np.ndarray:
     return (mask - low) / (high - low) if high > low else np.zeros_like(mask)
 
 
-def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
-             stretch: bool = False) -> np.ndarray:
-    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` for each of ``(R, gh, gw)`` masks at the image's size.
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+            stretch: bool = False) -> np.ndarray:
+    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``.
 
-    Returns uint8 ``(R, H, W, 3)``. With ``stretch`` the colours span each mask's own range (min → first
-    colour) instead of [0, 1].
+    The ``(gh, gw)`` mask is upsampled bilinearly; with ``stretch`` the colours span the mask's own range
+    (min → first colour) instead of [0, 1]. Blending is Pillow's (values truncated to integers).
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    values = np.asarray(masks, dtype=np.float32)
+    values = np.asarray(mask, dtype=np.float32)
     if stretch:
-        values = np.stack([stretch_contrast(v) for v in values])
-    weight = round(alpha * 256)  # integer blend: alpha in steps of 1/256
-    table = torch.from_numpy(colormap_table(colormap)).to(torch.int32) * weight
-    levels = (torch.from_numpy(upsample_masks(values, image.shape[:2])) * (len(table) - 1)).round_().long()
-    blended = table[levels]  # (R, H, W, 3)
-    blended += torch.from_numpy(np.require(image, requirements=["W"])).to(torch.int32) * (256 - weight) + 128
-    return (blended >> 8).to(torch.uint8).numpy()
+        values = stretch_contrast(values)
+    heat = heat_image(upsample_mask(values, image.shape[:2]), colormap)
+    return np.asarray(Image.blend(Image.fromarray(np.ascontiguousarray(image)), heat, alpha))
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
-            stretch: bool = False) -> np.ndarray:
-    """:func:`overlays` for one ``(gh, gw)`` mask: uint8 ``(H, W, 3)``."""
-    return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]
+def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+             stretch: bool = False) -> np.ndarray:
+    """:func:`overlay` for each of ``(R, gh, gw)`` masks: uint8 ``(R, H, W, 3)``."""
+    return np.stack([overlay(image, mask, colormap, alpha, stretch) for mask in np.asarray(masks)])
 
 
 def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:

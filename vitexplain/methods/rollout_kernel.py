@@ -29,9 +29,17 @@ FAST = {"reassoc", "contract", "nsz", "arcp"}  # no 'ninf': thresholds may be -i
 
 def layer_thresholds(candidates: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per ratio the threshold ``t`` (the k-th smallest candidate, −inf for k = 0) and how many entries
-    equal to ``t`` are discarded (the first ones in flat order); ``candidates`` is ``(M, N²)``."""
-    ordered = np.sort(candidates, axis=1)
+    equal to ``t`` are discarded (the first ones in flat order); ``candidates`` is ``(M, N²)``.
+
+    One ratio: a linear-time selection; several: one sort serves them all."""
     ks = np.asarray(counts)
+    if len(ks) == 1:
+        k = int(ks[0])
+        if k == 0:
+            return np.full((len(candidates), 1), -np.inf), np.zeros((len(candidates), 1), dtype=np.int64)
+        thresholds = np.partition(candidates, k - 1, axis=1)[:, k - 1:k]
+        return thresholds, k - (candidates < thresholds).sum(axis=1, keepdims=True)
+    ordered = np.sort(candidates, axis=1)
     thresholds = np.where(ks > 0, ordered[:, np.maximum(ks - 1, 0)], -np.inf)
     below = np.stack([np.searchsorted(row, t, side="left") for row, t in zip(ordered, thresholds)])
     return thresholds, np.where(ks > 0, ks - below, 0)

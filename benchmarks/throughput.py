@@ -1,0 +1,124 @@
+"""Throughput: explanations vs plain inference over the same DataLoader, in one run.
+
+    (a) plain timm inference (fused attention, inference mode)      (b) `rollout` end to end, overlays written
+    (c) forward + backward (∂ top-1 logit / ∂ input, no weight grads) (d) `grad-rollout` end to end, overlays written
+
+Prints images/s for each and the ratios b/a and d/c (targets on CPU, deit_tiny, >= 256 images: b/a >= 0.85,
+d/c >= 0.8). Images: the bundled examples/images copied to --images files (optionally resized so their
+longer side is --resize), read by the same DataLoader (--workers processes) in every run.
+
+    python benchmarks/throughput.py [--images 256] [--batch-size 32] [--format png|jpg] [--resize 256] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
+from vitexplain.cli import amp_dtype, default_workers
+from vitexplain.data import find_images, make_loader
+from vitexplain.models import class_names_for
+from vitexplain.pipeline import RenderOptions, Request, explain_paths, resolve_device
+from vitexplain.writer import OutputWriter
+
+ROOT = Path(__file__).resolve().parents[1]
+WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
+
+
+def image_folder(folder: Path, count: int, resize: int | None) -> list[Path]:
+    examples, _ = find_images([ROOT / "examples" / "images"])
+    for index in range(count):
+        source = examples[index % len(examples)]
+        target = folder / f"img{index:05d}{source.suffix}"
+        if resize:
+            with Image.open(source) as image:
+                image.thumbnail((resize, resize), Image.Resampling.LANCZOS)
+                image.save(target)
+        else:
+            shutil.copy(source, target)
+    return sorted(folder.iterdir())
+
+
+def plain_inference(model, loader, device) -> None:
+    with torch.inference_mode():
+        for batch in loader:
+            model(batch.pixels.to(device, non_blocking=True))
+
+
+def forward_backward(model, loader, device) -> None:
+    for batch in loader:
+        pixels = batch.pixels.to(device, non_blocking=True).requires_grad_()
+        logits = model(pixels)
+        torch.autograd.grad(logits.max(dim=-1).values.sum(), pixels)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--format", default="png", choices=("png", "jpg"))
+    parser.add_argument("--resize", type=int, default=None, help="longer side of the benchmark images")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--model", default="deit_tiny_patch16_224")
+    parser.add_argument("--amp", action="store_true")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.model == "deit_tiny_patch16_224" and WEIGHTS.is_file():
+        model = load_model(args.model, checkpoint=WEIGHTS)
+    else:
+        model = load_model(args.model, pretrained=False)
+    model.to(device)
+    prep, names = preprocessing_for(model), class_names_for(model.num_classes)
+    amp = amp_dtype(device) if args.amp else None
+    with tempfile.TemporaryDirectory() as scratch:
+        (Path(scratch) / "images").mkdir()
+        paths = image_folder(Path(scratch) / "images", args.images, args.resize)
+
+        def loader():
+            return make_loader(paths, prep, args.batch_size, args.workers, device.type == "cuda")
+
+        def explain(explainer_class) -> None:
+            out = Path(scratch) / explainer_class.name
+            explainer = explainer_class(model, amp=amp)
+            explain_paths(explainer, paths, prep, OutputWriter(out, paths), names, Request.of(explainer),
+                          RenderOptions(image_format=args.format), args.batch_size, args.workers, device)
+            shutil.rmtree(out)
+
+        runs = {
+            "a plain inference": lambda: plain_inference(model, loader(), device),
+            "b rollout, end to end": lambda: explain(AttentionRollout),
+            "c forward + backward": lambda: forward_backward(model, loader(), device),
+            "d grad-rollout, end to end": lambda: explain(GradientRollout),
+        }
+        warm = paths[: 2 * args.batch_size]
+        paths, all_paths = warm, paths
+        for run in runs.values():  # warm-up: threads, numba cache, allocator
+            run()
+        paths = all_paths
+        rates = {}
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            rates[name] = len(paths) / (time.perf_counter() - started)
+    size = f"longer side {args.resize}" if args.resize else "bundled photos at full size (0.15-0.27 MP)"
+    print(f"{len(paths)} images ({size}), {args.model}, batch {args.batch_size}, {args.workers} workers, "
+          f"{device}, overlays as {args.format}{', amp' if amp else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, rate in rates.items():
+        print(f"  {name:28s} {rate:7.1f} images/s")
+    a, b, c, d = rates.values()
+    print(f"b/a = {b / a:.2f} (target >= 0.85)   d/c = {d / c:.2f} (target >= 0.8)")
+
+
+if __name__ == "__main__":
+    main()

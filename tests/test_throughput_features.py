@@ -1,0 +1,62 @@
+"""Throughput features: JPEG overlays, autocast, the stage profile, memory release, worker defaults."""
+from __future__ import annotations
+
+import json
+import time
+
+import imageio.v3 as iio
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from conftest import write_image
+from vitexplain import AttentionRollout, GradientRollout, load_model
+from vitexplain.cli import app, default_workers
+from vitexplain.profiling import STAGES, StageTimer
+
+runner = CliRunner()
+
+
+def test_jpg_overlays_and_profile_table(tmp_path, save_test_vit):
+    _, checkpoint = save_test_vit()
+    for i in range(3):
+        write_image(tmp_path / "in" / f"p{i}.png", (50, 70), seed=i)
+    result = runner.invoke(app, ["rollout", str(tmp_path / "in"), "--model", "test_vit", "--checkpoint", str(checkpoint),
+                                 "-o", str(tmp_path / "out"), "--format", "jpg", "--profile"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(entries) == 3 and all(e["overlay"].endswith("_rollout_mean_d0.9.jpg") for e in entries)
+    assert all(iio.imread(e["overlay"]).shape == (50, 70, 3) for e in entries)
+    table = result.output[result.output.index("where the time went"):]
+    rows = {line.split("│")[1].strip(): line for line in table.splitlines() if line.count("│") > 3}
+    assert set(STAGES) <= set(rows)
+    assert float(rows["model"].split("│")[2]) > 0 and float(rows["write"].split("│")[2]) > 0
+
+
+def test_stage_timer_sums_per_stage():
+    timer = StageTimer()
+    with timer("model"):
+        time.sleep(0.01)
+    with timer("model"):
+        time.sleep(0.01)
+    timer.add("write", 0.5)
+    assert 0.02 <= timer.seconds["model"] < 0.5 and timer.seconds["write"] == 0.5 and "method" not in timer.seconds
+
+
+@pytest.mark.parametrize("explainer_class", [AttentionRollout, GradientRollout])
+def test_autocast_keeps_the_attention_math_in_float32(explainer_class):
+    torch.manual_seed(0)
+    model = load_model("test_vit", pretrained=False)
+    images = torch.randn(2, 3, 160, 160)
+    exact = explainer_class(model, discard_ratio=0.0).explain(images)
+    fast = explainer_class(model, discard_ratio=0.0, amp=torch.bfloat16).explain(images)
+    assert fast.masks.dtype == torch.float32
+    assert fast.logits.dtype == torch.bfloat16  # the forward pass did run in bfloat16
+    assert (fast.masks - exact.masks).abs().max() < 0.05
+    assert torch.corrcoef(torch.stack([fast.masks.flatten(), exact.masks.flatten()]))[0, 1] > 0.98
+
+
+def test_default_workers_leave_cores_for_the_model(monkeypatch):
+    for cores, workers in ((1, 0), (2, 1), (8, 4), (64, 4)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        assert default_workers() == workers
