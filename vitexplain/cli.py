@@ -80,7 +80,7 @@ FpsOpt = Annotated[float, typer.Option("--fps", min=0.1, max=50.0, help="GIF fra
 GifOpt = Annotated[bool, typer.Option("--gif/--no-gif", help="Write an animated, looping GIF per image.")]
 MaxSideOpt = Annotated[
     Optional[int],
-    typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 320).", show_default=False),
+    typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 256).", show_default=False),
 ]
 FormatChoice = Enum("FormatChoice", {name: name for name in IMAGE_FORMATS}, type=str)
 FormatOpt = Annotated[FormatChoice, typer.Option("--format", help="Overlay file format: png (lossless) or jpg (much faster to write, smaller).")]

@@ -1,9 +1,11 @@
 """The one data path behind every subcommand: load → capture → method → mask → render/write."""
 from __future__ import annotations
 
+import multiprocessing
+import signal
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -40,7 +42,7 @@ class SweepOptions:
     fps: float = 4.0
 
 
-SWEEP_MAX_SIDE = 320  # GIF frames are downscaled to this longer side unless told otherwise
+SWEEP_MAX_SIDE = 256  # GIF frames are downscaled to this longer side unless told otherwise
 
 
 @dataclass
@@ -148,35 +150,59 @@ class Request:
 
 
 def write_output(writer: OutputWriter, path: Path, label: str, original: np.ndarray, masks: np.ndarray,
-                 record: dict, render: RenderOptions, sweep: SweepOptions | None, timer=no_timer) -> dict:
+                 record: dict, render: RenderOptions, sweep: SweepOptions | None) -> dict:
     """Render one output (overlay, or a sweep's GIF / sheet), write its files, return its manifest entry."""
-    with timer("write"):
-        files = sweep_files(original, masks, render, sweep) if sweep else single_files(original, masks, render)
-        return writer.write(path, label, files, record)
+    files = sweep_files(original, masks, render, sweep) if sweep else single_files(original, masks, render)
+    return writer.write(path, label, files, record)
+
+
+def timed_call(function: Callable, *args) -> tuple[object, float]:
+    """``function(*args)`` and the wall seconds it took (picklable, for worker processes)."""
+    started = time.perf_counter()
+    result = function(*args)
+    return result, time.perf_counter() - started
+
+
+def ignore_interrupts() -> None:
+    """Worker processes leave Ctrl-C to the main process, which finishes their work in order."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class OrderedBackground:
-    """Runs tasks in worker threads (rendering and encoding release the GIL) while the model works on
-    the next batch. Results come back in submission order; at most ``max_pending`` tasks are in flight,
-    so memory stays bounded however many images there are."""
+    """Runs tasks in the background while the model works on the next batch. Results come back in
+    submission order; at most ``max_pending`` tasks are in flight, so memory stays bounded however many
+    images there are. Threads suit single overlays (Pillow releases the GIL while blending and encoding);
+    GIF sweeps are mostly Python-level Pillow work that holds the GIL, so they go to forked processes
+    where the platform has ``fork``. With a ``timer``, task time is added to its ``write`` stage."""
 
-    def __init__(self, max_pending: int, workers: int = 2):
-        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitexplain-write")
+    def __init__(self, max_pending: int, workers: int = 2, processes: bool = False, timer: StageTimer | None = None):
+        if processes and "fork" in multiprocessing.get_all_start_methods():
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                            initializer=ignore_interrupts)
+        else:
+            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitexplain-write")
         self.pending: deque[Future] = deque()
         self.max_pending = max_pending
+        self.timer = timer
 
     def submit(self, function: Callable, *args) -> None:
-        self.pending.append(self.pool.submit(function, *args))
+        self.pending.append(self.pool.submit(timed_call, function, *args))
+
+    def result(self, future: Future):
+        result, seconds = future.result()
+        if self.timer is not None:
+            self.timer.add("write", seconds)
+        return result
 
     def completed(self) -> list:
         """Results of the finished tasks at the head of the queue, waiting while too many are pending."""
         results = []
         while self.pending and (self.pending[0].done() or len(self.pending) > self.max_pending):
-            results.append(self.pending.popleft().result())
+            results.append(self.result(self.pending.popleft()))
         return results
 
     def drain(self) -> list:
-        results = [future.result() for future in self.pending]
+        results = [self.result(future) for future in self.pending]
         self.pending.clear()
         self.pool.shutdown()
         return results
@@ -213,7 +239,7 @@ def explain_paths(
     summary = RunSummary()
     started = time.perf_counter()
     request = request or Request.of(explainer)
-    background = OrderedBackground(max_pending=2 * batch_size)
+    background = OrderedBackground(max_pending=2 * batch_size, processes=request.sweep is not None, timer=timer)
     explainer.timer = timer or no_timer
     try:
         for batch in timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer):
@@ -222,7 +248,7 @@ def explain_paths(
                 summary.failures.append(failure)
                 on_failure(failure)
             if batch.paths:
-                submit_outputs(explainer, batch, device, class_names, request, writer, render, background, timer)
+                submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
             summary.records.extend(map(writer.append_manifest, background.completed()))
             release_freed_memory()
             summary.images += len(batch.paths) + len(batch.failures)
@@ -252,8 +278,7 @@ def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator
 
 
 def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
-                   request: Request, writer: OutputWriter, render: RenderOptions, background: "OrderedBackground",
-                   timer: StageTimer | None = None) -> None:
+                   request: Request, writer: OutputWriter, render: RenderOptions, background: "OrderedBackground") -> None:
     """Explain one batch and queue the rendering and writing of its outputs."""
     sweep = request.sweep
     explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), request.classes,
@@ -266,4 +291,4 @@ def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, cla
             target = None if targets is None else int(targets[row, column])
             record = {**request.fields(), **prediction_record(probabilities[row], target, class_names)}
             background.submit(write_output, writer, path, request.label(target), original, masks[row, column], record,
-                              render, sweep, timer or no_timer)
+                              render, sweep)

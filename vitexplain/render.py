@@ -81,7 +81,8 @@ def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     if scale >= 1:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS))
+    # box-reduce by an integer factor first, then Lanczos: the same look at half the cost
+    return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0))
 
 
 @lru_cache(maxsize=8)
