@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import write_image
-from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
+from vitexplain import AttentionRollout, GradientRollout, preprocessing_for
 from vitexplain.cli import app
 from vitexplain.data import load_rgb, to_model_input
 
