@@ -241,8 +241,9 @@ def explain_paths(
     request = request or Request.of(explainer)
     background = OrderedBackground(max_pending=2 * batch_size, processes=request.sweep is not None, timer=timer)
     explainer.timer = timer or no_timer
+    batches = timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer)
     try:
-        for batch in timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer):
+        for batch in batches:
             for failure in batch.failures:
                 writer.record_failure(failure.path, failure.reason, request.key)
                 summary.failures.append(failure)
@@ -256,6 +257,7 @@ def explain_paths(
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
+        batches.close()  # stops the DataLoader workers now, also on Ctrl-C
         summary.records.extend(map(writer.append_manifest, background.drain()))
         explainer.timer = no_timer
     summary.outputs = len(summary.records)
@@ -264,17 +266,22 @@ def explain_paths(
 
 
 def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator[Batch]:
-    """The loader's batches; with a ``timer``, the decode time and the main thread's wait are added to it."""
+    """The loader's batches; with a ``timer``, the decode time and the main thread's wait are added to it.
+    Closing the generator shuts the loader's worker processes down at once (not at garbage collection,
+    when an interrupted run may already be exiting)."""
     batches = iter(loader)
-    while True:
-        started = time.perf_counter()
-        batch = next(batches, None)
-        if batch is None:
-            return
-        if timer is not None:
-            timer.add("wait", time.perf_counter() - started)
-            timer.add("decode", batch.decode_seconds)
-        yield batch
+    try:
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            if timer is not None:
+                timer.add("wait", time.perf_counter() - started)
+                timer.add("decode", batch.decode_seconds)
+            yield batch
+    finally:
+        getattr(batches, "_shutdown_workers", lambda: None)()
 
 
 def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
