@@ -24,7 +24,7 @@ from .pipeline import (Request, RenderOptions, RunSummary, SweepOptions, explain
                        resolve_device)
 from .sweep import RATIOS_HELP, parse_ratios
 from .render import COLORMAPS
-from .writer import IMAGE_FORMATS, OutputError, OutputWriter, check_writable
+from .writer import IMAGE_FORMATS, OutputError, OutputWriter
 
 EXIT_CODES_HELP = "Exit codes: 0 all inputs explained; 1 some inputs failed (see manifest.jsonl); 2 usage error; 130 interrupted."
 app = typer.Typer(
@@ -131,6 +131,7 @@ class Prepared:
     input_failures: list[Failure]
     class_names: tuple[str, ...]
     device: torch.device
+    writer: OutputWriter
 
 
 def prepare(line: CommandLine) -> Prepared:
@@ -141,7 +142,8 @@ def prepare(line: CommandLine) -> Prepared:
     if line.classes and not explainer_class.class_specific:
         raise ValueError(f"--class applies to class-specific methods (grad-rollout), not {line.method}")
     device = resolve_device(line.device)
-    check_writable(line.out)
+    paths, input_failures = find_images(line.inputs)
+    writer = OutputWriter(line.out, paths)  # proves --out writable
     plan = plan_model(line.model, checkpoint=line.checkpoint)
     names = class_names_for(plan.num_classes)
     if explainer_class.class_specific and not names:
@@ -149,8 +151,7 @@ def prepare(line: CommandLine) -> Prepared:
     synonyms = class_synonyms_for(plan.num_classes)
     targets = tuple(resolve_class(c, synonyms) for c in line.classes) if line.classes else None
     request = Request(line.method, line.fusion, line.discard_ratio, targets, line.sweep)
-    paths, input_failures = find_images(line.inputs)
-    return Prepared(plan, request, paths, input_failures, names, device)
+    return Prepared(plan, request, paths, input_failures, names, device, writer)
 
 
 def report_failure(failure: Failure) -> None:
@@ -163,7 +164,7 @@ def run(line: CommandLine) -> RunSummary:
         ready = prepare(line)
     except (ValueError, ModelChoiceError, OutputError) as error:
         raise fail(str(error), code=2) from None
-    writer = OutputWriter(line.out, ready.paths)
+    writer = ready.writer
     for failure in ready.input_failures:
         report_failure(failure)
         writer.record_failure(failure.path, failure.reason, ready.request.key)
