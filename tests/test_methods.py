@@ -191,14 +191,15 @@ def test_unknown_fusion_is_rejected():
         fuse_heads(torch.ones(1, 2, 3, 3), "median")
 
 
+@pytest.mark.parametrize("ratios", [(0.0, 0.1, 0.35, 0.5, 0.8, 0.95, 0.99), (0.0,), (0.5,), (0.95,)])
 @pytest.mark.parametrize("protected", [(), (0,), (0, 1)])
-def test_compiled_kernel_equals_torch_rollout_including_ties(protected):
+def test_compiled_kernel_equals_torch_rollout_including_ties(protected, ratios):
+    """Several ratios (one sort per layer) and single ratios (a selection), ties and protected entries included."""
     generator = torch.Generator().manual_seed(7)
     layout = TokenLayout(num_prefix_tokens=2, grid=(3, 3), protected_tokens=protected)
     fused = [random_attention(3, 1, 11, generator)[:, 0].float() for _ in range(4)]
     fused[1] = torch.round(fused[1] * 8) / 8  # heavy ties at every threshold
     fused[2][0, 0, 0] = fused[2][0].min()  # a protected entry that would otherwise be discarded
     readout = torch.softmax(torch.randn(3, 11, generator=generator), dim=-1)
-    ratios = [0.0, 0.1, 0.35, 0.5, 0.8, 0.95, 0.99]
     torch.testing.assert_close(rollout_masks(fused, readout, layout, ratios),
                                rollout_masks_torch(fused, readout, layout, ratios), rtol=1e-5, atol=1e-6)

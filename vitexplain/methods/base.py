@@ -46,6 +46,8 @@ class TokenLayout:
 
 def fuse_heads(maps: Tensor, fusion: Fusion) -> Tensor:
     """Reduce ``(B, H, N, N)`` over heads with ``mean``, ``max`` or ``min``."""
+    if fusion in FUSIONS and maps.shape[1] == 1:  # one head (or already fused): nothing to reduce, no copy
+        return maps[:, 0]
     if fusion == "mean":
         return maps.mean(dim=1)
     if fusion == "max":

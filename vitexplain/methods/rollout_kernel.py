@@ -22,27 +22,45 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .base import TokenLayout, discard_candidates, discard_count, rollout_masks_torch, to_mask
+from .base import TokenLayout, discard_count, rollout_masks_torch, to_mask
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}  # no 'ninf': thresholds may be -inf
 
 
-def layer_thresholds(candidates: np.ndarray, counts: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per ratio the threshold ``t`` (the k-th smallest candidate, −inf for k = 0) and how many entries
-    equal to ``t`` are discarded (the first ones in flat order); ``candidates`` is ``(M, N²)``.
+def layer_thresholds(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per image, layer and count ``k``: the threshold ``t`` (the k-th smallest entry of the layer's
+    ``(N, N)`` map, protected diagonal entries excluded; −inf for k = 0) and how many entries equal to ``t``
+    are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)``; results are ``(B, L, R)``.
 
-    One ratio: a linear-time selection; several: one sort serves them all."""
-    ks = np.asarray(counts)
-    if len(ks) == 1:
-        k = int(ks[0])
-        if k == 0:
-            return np.full((len(candidates), 1), -np.inf), np.zeros((len(candidates), 1), dtype=np.int64)
-        thresholds = np.partition(candidates, k - 1, axis=1)[:, k - 1:k]
-        return thresholds, k - (candidates < thresholds).sum(axis=1, keepdims=True)
-    ordered = np.sort(candidates, axis=1)
-    thresholds = np.where(ks > 0, ordered[:, np.maximum(ks - 1, 0)], -np.inf)
-    below = np.stack([np.searchsorted(row, t, side="left") for row, t in zip(ordered, thresholds)])
-    return thresholds, np.where(ks > 0, ks - below, 0)
+    One count: numpy's vectorised in-place selection; several: one in-place sort serves them all."""
+    batch, n, _ = maps[0].shape
+    rows = np.stack(maps, axis=1).reshape(batch * len(maps), n * n)  # a copy: selection reorders it
+    rows[:, [p * n + p for p in protected]] = np.inf
+    positive = sorted({int(k) for k in counts if k > 0})
+    if len(positive) == 1:
+        rows.partition(positive[0] - 1, axis=1)
+    elif positive:
+        rows.sort(axis=1)
+    thresholds = np.where(counts > 0, rows[:, np.maximum(counts - 1, 0)], -np.inf)
+    ties = np.where(counts > 0, counts - _count_below(rows, thresholds, len(positive) > 1), 0)
+    return thresholds.reshape(batch, len(maps), -1), ties.reshape(batch, len(maps), -1)
+
+
+@numba.njit(parallel=True, cache=True)
+def _count_below(rows, thresholds, rows_sorted):
+    """``(M, R)`` counts of the entries of each row below each of its thresholds."""
+    counts = np.zeros(thresholds.shape, dtype=np.int64)
+    for m in numba.prange(rows.shape[0]):
+        for r in range(thresholds.shape[1]):
+            t = thresholds[m, r]
+            if rows_sorted:
+                counts[m, r] = np.searchsorted(rows[m], t)
+            else:
+                below = 0
+                for x in rows[m]:
+                    below += x < t
+                counts[m, r] = below
+    return counts
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -70,16 +88,16 @@ def _kept_row(row, t, i, protected, ties_to_drop, kept):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _roll_one(maps, thresholds, ties_dropped, protected, v):
-    """Readout row of one image for one ratio: ``v ← vᵀ Â_l`` from the last layer to the first."""
-    layers, n, _ = maps.shape
+def _roll_one(maps, b, thresholds, ties_dropped, protected, v):
+    """Readout row of image ``b`` for one ratio: ``v ← vᵀ Â_l`` from the last layer to the first."""
+    n = v.shape[0]
     kept = np.empty(n)
-    for layer in range(layers - 1, -1, -1):
+    for layer in range(len(maps) - 1, -1, -1):
         t = thresholds[layer]
         room = ties_dropped[layer]
         new = np.zeros(n)
         for i in range(n):
-            room -= _kept_row(maps[layer, i], t, i, protected, room, kept)
+            room -= _kept_row(maps[layer][b, i], t, i, protected, room, kept)
             u = v[i] / (1.0 + kept.sum())
             new[i] += u
             for j in range(n):
@@ -90,29 +108,27 @@ def _roll_one(maps, thresholds, ties_dropped, protected, v):
 
 @numba.njit(parallel=True, cache=True)
 def _roll(maps, thresholds, ties_dropped, protected, readout):
-    """Readout rows ``(B, R, N)`` from maps ``(B, L, N, N)``, thresholds and ties ``(B, L, R)``."""
-    batch, _, n, _ = maps.shape
+    """Readout rows ``(B, R, N)`` from maps ``L × (B, N, N)``, thresholds and ties ``(B, L, R)``."""
+    batch, _, n = maps[0].shape
     ratios = thresholds.shape[2]
     out = np.empty((batch, ratios, n))
     for br in numba.prange(batch * ratios):
         b = br // ratios
         r = br % ratios
-        out[b, r] = _roll_one(maps[b], thresholds[b, :, r], ties_dropped[b, :, r], protected, readout[b].copy())
+        out[b, r] = _roll_one(maps, b, thresholds[b, :, r], ties_dropped[b, :, r], protected, readout[b].copy())
     return out
 
 
 def rollout_masks_by_ratio(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
                            discard_ratios: Sequence[float]) -> Tensor:
     """Masks ``(B, R, gh, gw)``, one per discard ratio, from fused maps ``L × (B, N, N)`` (CPU tensors)."""
-    maps = torch.stack(list(fused), dim=1).float()  # (B, L, N, N)
-    batch, layers, n, _ = maps.shape
-    counts = [discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios]
-    candidates = discard_candidates(maps.view(batch * layers, n, n), layout.protected_tokens).numpy()
-    thresholds, ties = layer_thresholds(candidates, counts)  # (B·L, R)
+    maps = tuple(np.ascontiguousarray(f.float().numpy()) for f in fused)  # L × (B, N, N), no copy if already so
+    batch, n, _ = maps[0].shape
+    counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
     protected = np.zeros(n, dtype=np.bool_)
     protected[list(layout.protected_tokens)] = True
-    values = _roll(maps.numpy(), thresholds.reshape(batch, layers, -1), ties.reshape(batch, layers, -1).astype(np.int64),
-                   protected, readout.double().cpu().numpy())
+    thresholds, ties = layer_thresholds(maps, counts, layout.protected_tokens)
+    values = _roll(maps, thresholds, ties, protected, readout.double().cpu().numpy())
     masks = to_mask(torch.from_numpy(values).reshape(batch * len(discard_ratios), n), layout)
     return masks.float().view(batch, len(discard_ratios), *layout.grid)
 
