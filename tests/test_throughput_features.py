@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import write_image
 from vitexplain import AttentionRollout, GradientRollout, load_model
+from vitexplain import allocator
 from vitexplain.cli import app, default_workers
 from vitexplain.profiling import STAGES, StageTimer
 
@@ -60,3 +61,38 @@ def test_default_workers_leave_cores_for_the_model(monkeypatch):
     for cores, workers in ((1, 0), (2, 1), (8, 4), (64, 4)):
         monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
         assert default_workers() == workers
+
+
+class FakeLibc:
+    def __init__(self):
+        self.calls = []
+
+    def mallopt(self, parameter, value):
+        self.calls.append(("mallopt", parameter, value))
+        return 1
+
+    def malloc_trim(self, pad):
+        self.calls.append(("malloc_trim", pad))
+        return 1
+
+
+def test_heap_is_trimmed_every_sixteenth_batch_and_kept_in_between(monkeypatch):
+    libc = FakeLibc()
+    monkeypatch.setattr(allocator, "_LIBC", libc)
+    assert allocator.keep_heap_memory()
+    assert libc.calls == [("mallopt", allocator.M_MMAP_THRESHOLD, 256 << 20), ("mallopt", allocator.M_TRIM_THRESHOLD, 512 << 20)]
+    libc.calls.clear()
+    trim = allocator.PeriodicTrim()
+    trims = []
+    for batch in range(1, 49):
+        trim()
+        if libc.calls:
+            trims.append(batch)
+            libc.calls.clear()
+    assert trims == [16, 32, 48]
+
+
+def test_allocator_settings_do_nothing_without_glibc(monkeypatch):
+    monkeypatch.setattr(allocator, "_LIBC", None)
+    assert allocator.keep_heap_memory() is False
+    allocator.PeriodicTrim(every=1)()  # no error, nothing to call

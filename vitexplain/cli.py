@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from .allocator import keep_heap_memory
 from .data import Failure, find_images
 from .explainers import EXPLAINERS
 from .methods.flow import SOLVERS
@@ -185,6 +186,7 @@ def run(line: CommandLine) -> RunSummary:
 
 def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWriter, todo: list[Path]) -> RunSummary:
     """Load the weights, then explain ``todo`` under a progress bar; SIGTERM stops it like Ctrl-C."""
+    keep_heap_memory()
     try:
         network = build_model(ready.plan).to(ready.device)
     except ModelLoadError as error:

@@ -5,7 +5,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-import ctypes
 import errno
 import os
 import time
@@ -14,8 +13,9 @@ import warnings
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from .allocator import PeriodicTrim
 from .models import Preprocessing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -154,13 +154,48 @@ class Batch:
     pixels: torch.Tensor
     indices: list[int]
     paths: list[Path]
-    originals: list[np.ndarray]
+    packed_originals: "PackedImages"
     failures: list[Failure] = field(default_factory=list)
     decode_seconds: float = 0.0  # summed over the batch's images
+
+    @property
+    def originals(self) -> list[np.ndarray]:
+        """The decoded images at their own size, ``(H, W, 3)`` uint8 each."""
+        return self.packed_originals.images()
 
     def pin_memory(self) -> "Batch":
         self.pixels = self.pixels.pin_memory()
         return self
+
+
+@dataclass
+class PackedImages:
+    """Images of different sizes in one flat uint8 tensor: in a DataLoader worker it is allocated in
+    shared memory, so a batch of full-size originals reaches the main process without being pickled
+    through a pipe (tens of MB per batch)."""
+
+    flat: torch.Tensor
+    shapes: list[tuple[int, ...]]
+
+    @classmethod
+    def of(cls, images: Sequence[np.ndarray]) -> "PackedImages":
+        sizes = [image.size for image in images]
+        flat = torch.empty(sum(sizes), dtype=torch.uint8)
+        if get_worker_info() is not None:
+            flat.share_memory_()
+        offset = 0
+        for image, size in zip(images, sizes):
+            flat[offset:offset + size] = torch.from_numpy(image.reshape(-1))
+            offset += size
+        return cls(flat, [image.shape for image in images])
+
+    def images(self) -> list[np.ndarray]:
+        flat, offset, views = self.flat.numpy(), 0, []
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            views.append(flat[offset:offset + size].reshape(shape))
+            offset += size
+        return views
 
 
 class ImageDataset(Dataset):
@@ -186,37 +221,21 @@ class ImageDataset(Dataset):
         return index, to_model_input(rgb, self.prep), rgb, None, time.perf_counter() - started
 
 
-def _libc_malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-
-
-_MALLOC_TRIM = _libc_malloc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps per-thread arenas otherwise, and a long run's
-    resident size creeps up with every large image the writer threads decoded or encoded)."""
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
 class CollateBatch:
     """Stacks dataset items into a :class:`Batch` (a class, so spawned workers can pickle it)."""
 
     def __init__(self, paths: Sequence[Path], prep: Preprocessing):
         self.paths = list(paths)
         self.empty = torch.zeros(0, 3, *prep.size)
+        self.trim = PeriodicTrim()  # each worker process trims its own heap
 
     def __call__(self, items: list[tuple[int, torch.Tensor | None, np.ndarray | None, str | None, float]]) -> Batch:
         good = [item for item in items if item[3] is None]
         failures = [Failure(self.paths[item[0]], item[3]) for item in items if item[3] is not None]
         pixels = torch.stack([item[1] for item in good]) if good else self.empty
-        release_freed_memory()  # in worker processes too: their heap would creep up the same way
+        self.trim()
         return Batch(pixels, [item[0] for item in good], [self.paths[item[0]] for item in good],
-                     [item[2] for item in good], failures, sum(item[4] for item in items))
+                     PackedImages.of([item[2] for item in good]), failures, sum(item[4] for item in items))
 
 
 def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:

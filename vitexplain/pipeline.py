@@ -13,7 +13,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .data import Batch, Failure, make_loader, release_freed_memory
+from .allocator import PeriodicTrim
+from .data import Batch, Failure, make_loader
 from .explainers import EXPLAINERS, Explainer
 from .models import Preprocessing
 from .profiling import StageTimer, no_timer
@@ -241,6 +242,7 @@ def explain_paths(
     request = request or Request.of(explainer)
     background = OrderedBackground(max_pending=2 * batch_size, processes=request.sweep is not None, timer=timer)
     explainer.timer = timer or no_timer
+    trim = PeriodicTrim()
     batches = timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer)
     try:
         for batch in batches:
@@ -251,7 +253,7 @@ def explain_paths(
             if batch.paths:
                 submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
             summary.records.extend(map(writer.append_manifest, background.completed()))
-            release_freed_memory()
+            trim()
             summary.images += len(batch.paths) + len(batch.failures)
             on_images(len(batch.paths) + len(batch.failures))
     except KeyboardInterrupt:
