@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=default_workers())
+    parser.add_argument("--workers", type=int, default=None, help="default: as the CLI for the device")
     parser.add_argument("--format", default="png", choices=("png", "jpg"))
     parser.add_argument("--resize", type=int, default=None, help="longer side of the benchmark images")
     parser.add_argument("--device", default="auto")
@@ -75,6 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     keep_heap_memory()
     device = resolve_device(args.device)
+    args.workers = default_workers(device) if args.workers is None else args.workers
     if args.model == "deit_tiny_patch16_224" and WEIGHTS.is_file():
         model = load_model(args.model, checkpoint=WEIGHTS)
     else:

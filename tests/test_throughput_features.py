@@ -13,6 +13,7 @@ from conftest import write_image
 from vitexplain import AttentionRollout, GradientRollout, load_model
 from vitexplain import allocator
 from vitexplain.cli import app, default_workers
+from vitexplain.pipeline import writer_threads
 from vitexplain.profiling import STAGES, StageTimer
 
 runner = CliRunner()
@@ -58,9 +59,10 @@ def test_autocast_keeps_the_attention_math_in_float32(explainer_class):
 
 
 def test_default_workers_leave_cores_for_the_model(monkeypatch):
-    for cores, workers in ((1, 0), (2, 1), (8, 4), (64, 4)):
+    cuda = torch.device("cuda")
+    for cores, cpu_workers, gpu_workers, writers in ((1, 0, 1, 2), (2, 1, 1, 2), (8, 4, 5, 2), (16, 4, 11, 4), (64, 4, 12, 8)):
         monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
-        assert default_workers() == workers
+        assert (default_workers(), default_workers(cuda), writer_threads()) == (cpu_workers, gpu_workers, writers)
 
 
 class FakeLibc:

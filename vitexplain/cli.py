@@ -22,7 +22,7 @@ from .models import (DEFAULT_MODEL, ModelChoiceError, ModelLoadError, ModelPlan,
                      class_synonyms_for, plan_model, preprocessing_for, resolve_class)
 from .profiling import STAGE_HELP, STAGES, StageTimer
 from .pipeline import (Request, RenderOptions, RunSummary, SweepOptions, explain_paths, remaining_paths,
-                       resolve_device)
+                       resolve_device, writer_threads)
 from .sweep import RATIOS_HELP, parse_ratios
 from .render import COLORMAPS
 from .writer import IMAGE_FORMATS, OutputError, OutputWriter
@@ -58,7 +58,7 @@ BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto = CUDA, then MPS, then CPU.")]
 WorkersOpt = Annotated[
     Optional[int],
-    typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images. Default: half the CPU cores, at most 4.", show_default=False),
+    typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images. Default: on CPU half the cores, at most 4; with a GPU, the cores not needed for writing, at most 12.", show_default=False),
 ]
 ColormapOpt = Annotated[ColormapChoice, typer.Option("--colormap", help="Heatmap colours.")]
 AlphaOpt = Annotated[float, typer.Option("--alpha", min=0.0, max=1.0, help="Heatmap opacity over the image.")]
@@ -106,7 +106,7 @@ class CommandLine:
     discard_ratio: float
     batch_size: int
     device: str
-    num_workers: int
+    num_workers: int | None  # None: default_workers for the device
     render: RenderOptions
     stretch: bool | None
     classes: list[str] | None
@@ -205,7 +205,8 @@ def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWrit
             explainer.on_progress = lambda done, total: progress.update(within, completed=done, total=total, visible=True)
             return explain_paths(
                 explainer, todo, preprocessing_for(network), writer, ready.class_names, ready.request,
-                replace(line.render, stretch=stretch), line.batch_size, line.num_workers, ready.device,
+                replace(line.render, stretch=stretch), line.batch_size,
+                default_workers(ready.device) if line.num_workers is None else line.num_workers, ready.device,
                 on_images=lambda n: progress.advance(task, n), on_failure=report_failure, timer=timer,
             )
     finally:
@@ -214,9 +215,13 @@ def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWrit
             print_profile(timer, todo)
 
 
-def default_workers() -> int:
-    """Half the CPU cores (the model's threads need the rest), at most 4."""
-    return min(4, (os.cpu_count() or 2) // 2)
+def default_workers(device: torch.device = torch.device("cpu")) -> int:
+    """On CPU half the cores (the model's threads need the rest), at most 4; with a GPU doing the model,
+    the cores left after the main thread and the writer threads, at most 12."""
+    cores = os.cpu_count() or 2
+    if device.type == "cpu":
+        return min(4, cores // 2)
+    return max(1, min(12, cores - 1 - writer_threads()))
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
@@ -311,7 +316,7 @@ def make_command(name: str) -> Callable[..., None]:
         render = RenderOptions(colormap.value, alpha, save_raw, max_side=max_side, image_format=image_format.value)
         run(CommandLine(
             method.value if name == "sweep" else name, inputs, out, model, checkpoint, fusion.value, discard_ratio,
-            batch_size, device.value, default_workers() if num_workers is None else num_workers, render, stretch, classes,
+            batch_size, device.value, num_workers, render, stretch, classes,
             solver.value, sweep, overwrite, profile, amp,
         ))
 

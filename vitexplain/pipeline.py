@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import signal
 import time
 from collections import deque
@@ -176,7 +177,8 @@ class OrderedBackground:
     GIF sweeps are mostly Python-level Pillow work that holds the GIL, so they go to forked processes
     where the platform has ``fork``. With a ``timer``, task time is added to its ``write`` stage."""
 
-    def __init__(self, max_pending: int, workers: int = 2, processes: bool = False, timer: StageTimer | None = None):
+    def __init__(self, max_pending: int, workers: int | None = None, processes: bool = False, timer: StageTimer | None = None):
+        workers = workers or writer_threads()
         if processes and "fork" in multiprocessing.get_all_start_methods():
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
                                             initializer=ignore_interrupts)
@@ -207,6 +209,11 @@ class OrderedBackground:
         self.pending.clear()
         self.pool.shutdown()
         return results
+
+
+def writer_threads() -> int:
+    """Threads (or processes) drawing and writing outputs: a quarter of the CPU cores, 2 to 8."""
+    return max(2, min(8, (os.cpu_count() or 2) // 4))
 
 
 def remaining_paths(paths: Sequence[Path], writer: OutputWriter, request: Request) -> list[Path]:
