@@ -8,7 +8,7 @@ import torch
 from conftest import write_image
 from vitexplain.data import Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
-from vitexplain.render import COLORMAPS, colormap_table, overlay, upsample_mask
+from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_mask, upsample_masks
 from vitexplain.writer import format_params, output_stems
 
 
@@ -32,8 +32,8 @@ def test_overlay_blends_at_image_size():
     assert heat.shape == (30, 50, 3)
     assert heat[:, 0].max() == 0 and heat[:, -1].min() == 255  # left patch 0 → black, right patch 1 → white
     half = overlay(image, np.ones((2, 2)), "gray", alpha=0.5)
-    assert np.all(half == 177)  # 0.5·100 + 0.5·255 = 177.5, truncated by Pillow's blend
-    assert np.all(overlay(image, np.zeros((2, 2)), "gray", alpha=0.3) == 70)  # 0.7·100 + 0.3·0
+    assert np.all(half == 178)  # (128·100 + 128·255) / 256 = 177.5, rounded
+    assert np.all(overlay(image, np.zeros((2, 2)), "gray", alpha=0.3) == 70)  # alpha 77/256: 179·100/256 = 69.9
     with pytest.raises(ValueError, match="alpha"):
         overlay(image, mask, alpha=1.5)
 
@@ -52,6 +52,28 @@ def test_stretch_maps_min_to_first_colour_and_max_to_last():
 def test_upsample_keeps_values_in_unit_range():
     up = upsample_mask(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), (7, 9))
     assert up.shape == (7, 9) and up.min() >= 0 and up.max() <= 1
+
+
+@pytest.mark.parametrize("grid, size", [((14, 14), (300, 451)), ((6, 4), (7, 9)), ((3, 5), (3, 5)), ((5, 5), (2, 3))])
+def test_upsampling_is_torch_bilinear_without_corner_alignment(grid, size):
+    masks = torch.rand(3, *grid, generator=torch.Generator().manual_seed(1))
+    expected = torch.nn.functional.interpolate(masks[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(upsample_masks(masks, size), expected.numpy(), rtol=0, atol=2e-6)
+
+
+def test_overlays_of_several_masks_equal_one_overlay_each():
+    image = np.random.default_rng(0).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    masks = np.random.default_rng(1).random((5, 4, 3)).astype(np.float32)
+    frames = overlays(image, masks, "viridis", 0.4, stretch=True)
+    assert frames.shape == (5, 40, 30, 3) and frames.dtype == np.uint8
+    for frame, mask in zip(frames, masks):
+        np.testing.assert_array_equal(frame, overlay(image, mask, "viridis", 0.4, stretch=True))
+    stretched = np.stack([(m - m.min()) / (m.max() - m.min()) for m in masks])
+    level = (upsample_masks(stretched, (40, 30)) * np.float32(255) + np.float32(0.5)).astype(int)  # colour index, then a rounded blend
+    table = colormap_table("viridis").astype(int)
+    weight = round(0.4 * 256)
+    expected = (image.astype(int) * (256 - weight) + table[level] * weight + 128) >> 8
+    np.testing.assert_array_equal(frames, expected)
 
 
 def test_find_images_recurses_filters_and_deduplicates(tmp_path):

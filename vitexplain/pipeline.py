@@ -1,12 +1,10 @@
 """The one data path behind every subcommand: load → capture → method → mask → render/write."""
 from __future__ import annotations
 
-import multiprocessing
 import os
-import signal
 import time
 from collections import deque
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
@@ -159,31 +157,20 @@ def write_output(writer: OutputWriter, path: Path, label: str, original: np.ndar
 
 
 def timed_call(function: Callable, *args) -> tuple[object, float]:
-    """``function(*args)`` and the wall seconds it took (picklable, for worker processes)."""
+    """``function(*args)`` and the wall seconds it took."""
     started = time.perf_counter()
     result = function(*args)
     return result, time.perf_counter() - started
 
 
-def ignore_interrupts() -> None:
-    """Worker processes leave Ctrl-C to the main process, which finishes their work in order."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
 class OrderedBackground:
-    """Runs tasks in the background while the model works on the next batch. Results come back in
+    """Runs tasks in background threads while the model works on the next batch. Results come back in
     submission order; at most ``max_pending`` tasks are in flight, so memory stays bounded however many
-    images there are. Threads suit single overlays (Pillow releases the GIL while blending and encoding);
-    GIF sweeps are mostly Python-level Pillow work that holds the GIL, so they go to forked processes
-    where the platform has ``fork``. With a ``timer``, task time is added to its ``write`` stage."""
+    images there are. The heavy parts of drawing and encoding (the compiled blend and GIF coder, Pillow's
+    encoders) release the GIL. With a ``timer``, task time is added to its ``write`` stage."""
 
-    def __init__(self, max_pending: int, workers: int | None = None, processes: bool = False, timer: StageTimer | None = None):
-        workers = workers or writer_threads()
-        if processes and "fork" in multiprocessing.get_all_start_methods():
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
-                                            initializer=ignore_interrupts)
-        else:
-            self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vitexplain-write")
+    def __init__(self, max_pending: int, workers: int | None = None, timer: StageTimer | None = None):
+        self.pool = ThreadPoolExecutor(max_workers=workers or writer_threads(), thread_name_prefix="vitexplain-write")
         self.pending: deque[Future] = deque()
         self.max_pending = max_pending
         self.timer = timer
@@ -212,7 +199,7 @@ class OrderedBackground:
 
 
 def writer_threads() -> int:
-    """Threads (or processes) drawing and writing outputs: a quarter of the CPU cores, 2 to 8."""
+    """Threads drawing and writing outputs: a quarter of the CPU cores, 2 to 8."""
     return max(2, min(8, (os.cpu_count() or 2) // 4))
 
 
@@ -247,7 +234,7 @@ def explain_paths(
     summary = RunSummary()
     started = time.perf_counter()
     request = request or Request.of(explainer)
-    background = OrderedBackground(max_pending=2 * batch_size, processes=request.sweep is not None, timer=timer)
+    background = OrderedBackground(max_pending=2 * batch_size, timer=timer)
     explainer.timer = timer or no_timer
     trim = PeriodicTrim()
     batches = timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer)

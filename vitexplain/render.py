@@ -1,13 +1,15 @@
-"""Colormaps and heatmap overlays, in numpy/torch only (no matplotlib or OpenCV)."""
+"""Colormaps and heatmap overlays, in numpy and a small compiled blend (no matplotlib or OpenCV)."""
 from __future__ import annotations
 
-import io
 import math
 from functools import lru_cache
 
+import numba
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+
+from .gif import encode_gif
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
 # viridis / inferno / turbo anchors are sampled from the published colormaps.
@@ -22,28 +24,64 @@ COLORMAP_ANCHORS: dict[str, tuple[str, ...]] = {
 COLORMAPS: tuple[str, ...] = tuple(COLORMAP_ANCHORS)
 
 
+@lru_cache(maxsize=16)
 def colormap_table(name: str, size: int = 256) -> np.ndarray:
-    """A ``(size, 3)`` uint8 lookup table for colormap ``name``."""
+    """A ``(size, 3)`` uint8 lookup table for colormap ``name`` (read-only, computed once)."""
     if name not in COLORMAP_ANCHORS:
         raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
     anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in COLORMAP_ANCHORS[name]], dtype=np.float64)
     stops = np.linspace(0.0, 1.0, len(anchors))
     levels = np.linspace(0.0, 1.0, size)
     table = np.stack([np.interp(levels, stops, anchors[:, c]) for c in range(3)], axis=1)
-    return np.round(table).astype(np.uint8)
+    table = np.round(table).astype(np.uint8)
+    table.setflags(write=False)
+    return table
+
+
+def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each of ``target`` samples, the two source samples and the weight of the second: bilinear
+    resampling with pixel centres aligned and edges clamped (``align_corners=False``)."""
+    centres = np.clip((np.arange(target) + 0.5) * source / target - 0.5, 0, source - 1)
+    low = np.floor(centres).astype(np.int64)
+    return low, np.minimum(low + 1, source - 1), (centres - low).astype(np.float32)
+
+
+def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of ``(R, gh, gw)`` masks to ``size`` (H, W), clipped to [0, 1] (float32, two taps
+    per axis, rows first: the same arithmetic as the compiled overlay)."""
+    masks = np.asarray(masks, dtype=np.float32)
+    (y0, y1, fy), (x0, x1, fx) = bilinear_taps(masks.shape[-2], size[0]), bilinear_taps(masks.shape[-1], size[1])
+    rows = masks[:, y0, :] * (1 - fy)[:, None] + masks[:, y1, :] * fy[:, None]
+    return np.clip(rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx, 0.0, 1.0)
 
 
 def upsample_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """Bilinear resize of a ``(gh, gw)`` mask to ``size`` (H, W), clipped to [0, 1] (Pillow, float32)."""
-    grid = Image.fromarray(np.ascontiguousarray(np.asarray(mask, dtype=np.float32)))
-    return np.clip(np.asarray(grid.resize((size[1], size[0]), Image.Resampling.BILINEAR)), 0.0, 1.0)
+    """:func:`upsample_masks` for one ``(gh, gw)`` mask."""
+    return upsample_masks(np.asarray(mask, dtype=np.float32)[None], size)[0]
 
 
-def heat_image(values: np.ndarray, colormap: str) -> Image.Image:
-    """An RGB picture of ``values`` in [0, 1] through ``colormap`` (a palette lookup in Pillow)."""
-    heat = Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
-    heat.putpalette(colormap_table(colormap).tobytes())
-    return heat.convert("RGB")
+@numba.njit(nogil=True, cache=True)
+def _blend_heat(image, masks, y_taps, x_taps, table, weight):
+    """``(R, H, W, 3)``: ``round(((256 − w)·image + w·table[round(255·v)]) / 256)`` per frame and pixel,
+    ``v`` the mask upsampled as in :func:`upsample_masks`."""
+    (y0, y1, fy), (x0, x1, fx) = y_taps, x_taps
+    height, width = image.shape[:2]
+    frames, _, columns = masks.shape
+    out = np.empty((frames, height, width, 3), dtype=np.uint8)
+    rows = np.empty((height, columns), dtype=np.float32)
+    one = np.float32(1.0)
+    for r in range(frames):
+        for y in range(height):
+            for j in range(columns):
+                rows[y, j] = masks[r, y0[y], j] * (one - fy[y]) + masks[r, y1[y], j] * fy[y]
+        for y in range(height):
+            for x in range(width):
+                value = rows[y, x0[x]] * (one - fx[x]) + rows[y, x1[x]] * fx[x]
+                value = min(one, max(np.float32(0.0), value))
+                level = int(value * np.float32(255.0) + np.float32(0.5))
+                for c in range(3):
+                    out[r, y, x, c] = (image[y, x, c] * (256 - weight) + table[level, c] * weight + 128) >> 8
+    return out
 
 
 def stretch_contrast(mask: np.ndarray) -> np.ndarray:
@@ -52,26 +90,29 @@ def stretch_contrast(mask: np.ndarray) -> np.ndarray:
     return (mask - low) / (high - low) if high > low else np.zeros_like(mask)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
-            stretch: bool = False) -> np.ndarray:
-    """Blend ``(1 - alpha)·image + alpha·colormap(mask)`` at the image's own size; uint8 ``(H, W, 3)``.
+def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+             stretch: bool = False) -> np.ndarray:
+    """``(1 − alpha)·image + alpha·colormap(mask)`` at the image's own size for each of ``(R, gh, gw)``
+    masks: uint8 ``(R, H, W, 3)``.
 
-    The ``(gh, gw)`` mask is upsampled bilinearly; with ``stretch`` the colours span the mask's own range
-    (min → first colour) instead of [0, 1]. Blending is Pillow's (values truncated to integers).
+    Masks are upsampled bilinearly; with ``stretch`` the colours span each mask's own range (min → first
+    colour) instead of [0, 1]. ``alpha`` is applied in steps of 1/256, results rounded to the nearest level.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    values = np.asarray(mask, dtype=np.float32)
+    values = np.asarray(masks, dtype=np.float32)
     if stretch:
-        values = stretch_contrast(values)
-    heat = heat_image(upsample_mask(values, image.shape[:2]), colormap)
-    return np.asarray(Image.blend(Image.fromarray(np.ascontiguousarray(image)), heat, alpha))
+        values = np.stack([stretch_contrast(mask) for mask in values])
+    height, width = image.shape[:2]
+    taps = bilinear_taps(values.shape[-2], height), bilinear_taps(values.shape[-1], width)
+    return _blend_heat(np.ascontiguousarray(image), np.ascontiguousarray(values), *taps,
+                       colormap_table(colormap).astype(np.int32), int(round(alpha * 256)))
 
 
-def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
-             stretch: bool = False) -> np.ndarray:
-    """:func:`overlay` for each of ``(R, gh, gw)`` masks: uint8 ``(R, H, W, 3)``."""
-    return np.stack([overlay(image, mask, colormap, alpha, stretch) for mask in np.asarray(masks)])
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+            stretch: bool = False) -> np.ndarray:
+    """:func:`overlays` for one ``(gh, gw)`` mask: uint8 ``(H, W, 3)``."""
+    return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]
 
 
 def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
@@ -85,24 +126,25 @@ def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize(size, Image.Resampling.LANCZOS, reducing_gap=2.0))
 
 
-@lru_cache(maxsize=8)
-def label_font(size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
-def label(image: np.ndarray, text: str) -> np.ndarray:
-    """``image`` with ``text`` in white on a dark box in its top-left corner."""
-    font = label_font(max(10, min(image.shape[:2]) // 14))
+@lru_cache(maxsize=256)
+def label_tile(text: str, size: int) -> np.ndarray:
+    """``text`` in white on a dark box, font ``size`` px (drawn once per text and size, then reused)."""
+    font = ImageFont.load_default(size=size)
     left, top, right, bottom = font.getbbox(text)
-    box_height, box_width = min(bottom + 6, image.shape[0]), min(right + 8, image.shape[1])
-    tag = Image.new("RGB", (box_width, box_height))
+    tag = Image.new("RGB", (right + 8, bottom + 6))
     ImageDraw.Draw(tag).text((4, 2), text, fill=(255, 255, 255), font=font)
-    labelled = image.copy()
-    labelled[:box_height, :box_width] = np.asarray(tag)
-    return labelled
+    return np.asarray(tag)
 
 
-def contact_sheet(frames: list[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
+def stamp_label(image: np.ndarray, text: str) -> np.ndarray:
+    """Draw ``text`` in white on a dark box into ``image``'s top-left corner (in place); returns ``image``."""
+    tile = label_tile(text, max(10, min(image.shape[:2]) // 14))
+    height, width = min(tile.shape[0], image.shape[0]), min(tile.shape[1], image.shape[1])
+    image[:height, :width] = tile[:height, :width]
+    return image
+
+
+def contact_sheet(frames: np.ndarray | list[np.ndarray], columns: int | None = None, gap: int = 4) -> np.ndarray:
     """Frames of equal size tiled row by row (``columns`` default ⌈√n⌉) on a white background."""
     columns = columns or math.ceil(math.sqrt(len(frames)))
     rows = math.ceil(len(frames) / columns)
@@ -115,17 +157,6 @@ def contact_sheet(frames: list[np.ndarray], columns: int | None = None, gap: int
 
 
 def gif_bytes(frames: list[np.ndarray] | np.ndarray, fps: float) -> bytes:
-    """An endlessly looping animated GIF, ``fps`` frames per second.
-
-    All frames share one 256-colour palette (fast octree over a sample of the frames), so the
-    colours stay put from frame to frame and encoding is quick.
-    """
-    frames = np.asarray(frames)
-    sample = frames[:: max(1, len(frames) // 4)]
-    palette = Image.fromarray(sample.reshape(-1, *frames.shape[2:])).quantize(
-        256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
-    indexed = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
-    buffer = io.BytesIO()
-    indexed[0].save(buffer, format="GIF", save_all=True, append_images=indexed[1:], duration=1000.0 / fps, loop=0,
-                    optimize=False)
-    return buffer.getvalue()
+    """An endlessly looping animated GIF, ``fps`` frames per second, all frames on one 256-colour palette
+    (so colours stay put from frame to frame); see :mod:`vitexplain.gif`."""
+    return encode_gif(np.asarray(frames), 1000.0 / fps)

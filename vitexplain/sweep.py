@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .render import fit_within, label, overlays
+from .render import fit_within, overlays, stamp_label
 
 RATIOS_HELP = "a list like 0,0.5,0.9 or a range START:STOP:COUNT like 0:0.99:20 (COUNT values, both ends included)"
 NUMBER = r"\s*-?[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?\s*"
@@ -35,7 +35,10 @@ def ratios_tag(ratios: Sequence[float]) -> str:
 
 
 def sweep_frames(image: np.ndarray, masks: np.ndarray, ratios: Sequence[float], colormap: str, alpha: float,
-                 stretch: bool, max_side: int) -> list[np.ndarray]:
-    """One overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``, labelled with its ratio."""
+                 stretch: bool, max_side: int) -> np.ndarray:
+    """``(R, H, W, 3)``: one overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``,
+    labelled with its ratio."""
     frames = overlays(fit_within(image, max_side), masks, colormap, alpha, stretch)
-    return [label(frame, f"discard {ratio:.2f}") for frame, ratio in zip(frames, ratios)]
+    for frame, ratio in zip(frames, ratios):
+        stamp_label(frame, f"discard {ratio:.2f}")
+    return frames
