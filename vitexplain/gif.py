@@ -3,9 +3,10 @@
 The GIF container is a few fixed records (GIF89a, the global palette, a NETSCAPE2.0 loop block, per
 frame a graphic-control block with its delay and an image block); the pixels of each frame are LZW-coded
 with variable-width codes (9 to 12 bits, least significant bit first, a clear code when the 4,096 codes
-run out), as the GIF89a specification describes. Written here because Pillow's coder spends 10 ns per
-pixel in C; this one, compiled with numba, about a third of that. Decoders agree bit for bit (tested
-against Pillow's and imageio's readers).
+run out), as the GIF89a specification describes. Written here so that the whole GIF is coded without
+holding the GIL (numba, ``nogil``): sweeps are then written by threads, not processes, and the coder is
+also quicker than Pillow's (7 vs 10 ms for 20 frames of 256×171). Decoders agree exactly (tested against
+Pillow's and imageio's readers).
 """
 from __future__ import annotations
 

@@ -106,7 +106,7 @@ def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str 
     height, width = image.shape[:2]
     taps = bilinear_taps(values.shape[-2], height), bilinear_taps(values.shape[-1], width)
     return _blend_heat(np.ascontiguousarray(image), np.ascontiguousarray(values), *taps,
-                       colormap_table(colormap).astype(np.int32), int(round(alpha * 256)))
+                       colormap_table(colormap).astype(np.int32), round(alpha * 256))
 
 
 def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
@@ -130,7 +130,7 @@ def fit_within(image: np.ndarray, max_side: int) -> np.ndarray:
 def label_tile(text: str, size: int) -> np.ndarray:
     """``text`` in white on a dark box, font ``size`` px (drawn once per text and size, then reused)."""
     font = ImageFont.load_default(size=size)
-    left, top, right, bottom = font.getbbox(text)
+    _, _, right, bottom = font.getbbox(text)
     tag = Image.new("RGB", (right + 8, bottom + 6))
     ImageDraw.Draw(tag).text((4, 2), text, fill=(255, 255, 255), font=font)
     return np.asarray(tag)
