@@ -8,7 +8,7 @@ import torch
 from conftest import write_image
 from vitexplain.data import Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
-from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_mask, upsample_masks
+from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_masks
 from vitexplain.writer import format_params, output_stems
 
 
@@ -50,8 +50,8 @@ def test_stretch_maps_min_to_first_colour_and_max_to_last():
 
 
 def test_upsample_keeps_values_in_unit_range():
-    up = upsample_mask(torch.tensor([[0.0, 1.0], [1.0, 0.0]]), (7, 9))
-    assert up.shape == (7, 9) and up.min() >= 0 and up.max() <= 1
+    up = upsample_masks(torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]), (7, 9))
+    assert up.shape == (1, 7, 9) and up.min() >= 0 and up.max() <= 1
 
 
 @pytest.mark.parametrize("grid, size", [((14, 14), (300, 451)), ((6, 4), (7, 9)), ((3, 5), (3, 5)), ((5, 5), (2, 3))])

@@ -55,11 +55,6 @@ def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
     return np.clip(rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx, 0.0, 1.0)
 
 
-def upsample_mask(mask: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    """:func:`upsample_masks` for one ``(gh, gw)`` mask."""
-    return upsample_masks(np.asarray(mask, dtype=np.float32)[None], size)[0]
-
-
 @numba.njit(nogil=True, cache=True)
 def _blend_heat(image, masks, y_taps, x_taps, table, weight):
     """``(R, H, W, 3)``: ``round(((256 − w)·image + w·table[round(255·v)]) / 256)`` per frame and pixel,
