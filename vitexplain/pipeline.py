@@ -17,7 +17,8 @@ from .data import Batch, Failure, make_loader
 from .explainers import EXPLAINERS, Explainer
 from .models import Preprocessing
 from .profiling import StageTimer, no_timer
-from .render import contact_sheet, fit_within, gif_bytes, overlay
+from .gif import encode_gif
+from .render import contact_sheet, fit_within, overlay
 from .sweep import ratios_tag, sweep_frames
 from .writer import OutputWriter, format_params, image_bytes, npy_bytes
 
@@ -104,7 +105,7 @@ def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dic
                           render.max_side or SWEEP_MAX_SIDE)
     files = {}
     if sweep.gif:
-        files["gif"] = (".gif", gif_bytes(frames, sweep.fps))
+        files["gif"] = (".gif", encode_gif(frames, 1000.0 / sweep.fps))
     if sweep.grid:
         files["grid"] = (f"_grid.{render.image_format}", image_bytes(contact_sheet(frames), render.image_format))
     if render.save_raw:

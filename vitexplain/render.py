@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .gif import encode_gif
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
 # viridis / inferno / turbo anchors are sampled from the published colormaps.
@@ -149,9 +148,3 @@ def contact_sheet(frames: np.ndarray | list[np.ndarray], columns: int | None = N
         top, left = (index // columns) * (height + gap), (index % columns) * (width + gap)
         sheet[top:top + height, left:left + width] = frame
     return sheet
-
-
-def gif_bytes(frames: list[np.ndarray] | np.ndarray, fps: float) -> bytes:
-    """An endlessly looping animated GIF, ``fps`` frames per second, all frames on one 256-colour palette
-    (so colours stay put from frame to frame); see :mod:`vitexplain.gif`."""
-    return encode_gif(np.asarray(frames), 1000.0 / fps)
