@@ -22,17 +22,17 @@ runner = CliRunner()
 def test_jpg_overlays_and_profile_table(tmp_path, save_test_vit):
     _, checkpoint = save_test_vit()
     for i in range(3):
-        write_image(tmp_path / "in" / f"p{i}.png", (50, 70), seed=i)
+        write_image(tmp_path / "in" / f"p{i}.png", (200, 280), seed=i)
     result = runner.invoke(app, ["rollout", str(tmp_path / "in"), "--model", "test_vit", "--checkpoint", str(checkpoint),
                                  "-o", str(tmp_path / "out"), "--format", "jpg", "--profile"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     entries = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert len(entries) == 3 and all(e["overlay"].endswith("_rollout_mean_d0.9.jpg") for e in entries)
-    assert all(iio.imread(e["overlay"]).shape == (50, 70, 3) for e in entries)
+    assert all(iio.imread(e["overlay"]).shape == (200, 280, 3) for e in entries)
     table = result.output[result.output.index("where the time went"):]
     rows = {line.split("│")[1].strip(): line for line in table.splitlines() if line.count("│") > 3}
     assert set(STAGES) <= set(rows)
-    assert float(rows["model"].split("│")[2]) > 0 and float(rows["write"].split("│")[2]) > 0
+    assert float(rows["model"].split("│")[3]) > 0 and float(rows["write"].split("│")[3]) > 0  # ms / image
 
 
 def test_stage_timer_sums_per_stage():
@@ -92,6 +92,21 @@ def test_heap_is_trimmed_every_sixteenth_batch_and_kept_in_between(monkeypatch):
             trims.append(batch)
             libc.calls.clear()
     assert trims == [16, 32, 48]
+
+
+def test_heap_is_trimmed_before_the_loader_forks_its_workers(monkeypatch, tmp_path, save_test_vit):
+    """Forked workers share the parent's heap copy-on-write: its free pages go back to the OS first."""
+    import vitexplain.pipeline as pipeline
+
+    _, checkpoint = save_test_vit()
+    write_image(tmp_path / "in" / "p.png", (40, 40), seed=0)
+    libc, real_loader = FakeLibc(), pipeline.make_loader
+    monkeypatch.setattr(allocator, "_LIBC", libc)
+    monkeypatch.setattr(pipeline, "make_loader", lambda *args: libc.calls.append("loader") or real_loader(*args))
+    result = runner.invoke(app, ["rollout", str(tmp_path / "in"), "--model", "test_vit", "--checkpoint", str(checkpoint),
+                                 "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert [call for call in libc.calls if call[0] != "mallopt"] == [("malloc_trim", 0), "loader"]
 
 
 def test_allocator_settings_do_nothing_without_glibc(monkeypatch):

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
-from .allocator import PeriodicTrim
+from .allocator import PeriodicTrim, trim_heap
 from .data import Batch, Failure, make_loader
 from .explainers import EXPLAINERS, Explainer
 from .models import Preprocessing
@@ -20,7 +20,7 @@ from .profiling import StageTimer, no_timer
 from .gif import encode_gif
 from .render import contact_sheet, fit_within, overlay
 from .sweep import ratios_tag, sweep_frames
-from .writer import OutputWriter, format_params, image_bytes, npy_bytes
+from .writer import Content, OutputWriter, encoded_array, encoded_image, format_params
 
 
 @dataclass(frozen=True)
@@ -88,18 +88,18 @@ def prediction_record(probabilities: torch.Tensor, target: int | None, class_nam
     }
 
 
-def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, bytes]]:
+def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, Content]]:
     """Overlay PNG (and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
     if render.max_side:
         image = fit_within(image, render.max_side)
     picture = overlay(image, masks[0], render.colormap, render.alpha, render.stretch)
-    files = {"overlay": (f".{render.image_format}", image_bytes(picture, render.image_format))}
+    files = {"overlay": (f".{render.image_format}", encoded_image(picture, render.image_format))}
     if render.save_raw:
-        files["raw"] = (".npy", npy_bytes(masks[0]))
+        files["raw"] = (".npy", encoded_array(masks[0]))
     return files
 
 
-def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dict[str, tuple[str, bytes]]:
+def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dict[str, tuple[str, Content]]:
     """GIF, contact sheet and raw ``(R, gh, gw)`` ``.npy`` of a sweep; ``masks`` is ``(R, gh, gw)``."""
     frames = sweep_frames(image, masks, sweep.ratios, render.colormap, render.alpha, render.stretch,
                           render.max_side or SWEEP_MAX_SIDE)
@@ -107,9 +107,9 @@ def sweep_files(image, masks, render: RenderOptions, sweep: SweepOptions) -> dic
     if sweep.gif:
         files["gif"] = (".gif", encode_gif(frames, 1000.0 / sweep.fps))
     if sweep.grid:
-        files["grid"] = (f"_grid.{render.image_format}", image_bytes(contact_sheet(frames), render.image_format))
+        files["grid"] = (f"_grid.{render.image_format}", encoded_image(contact_sheet(frames), render.image_format))
     if render.save_raw:
-        files["raw"] = (".npy", npy_bytes(masks))
+        files["raw"] = (".npy", encoded_array(masks))
     return files
 
 
@@ -238,6 +238,7 @@ def explain_paths(
     background = OrderedBackground(max_pending=2 * batch_size, timer=timer)
     explainer.timer = timer or no_timer
     trim = PeriodicTrim()
+    trim_heap()  # before the loader forks its workers: see allocator.trim_heap
     batches = timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer)
     try:
         for batch in batches:

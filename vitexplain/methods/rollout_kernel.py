@@ -30,37 +30,98 @@ FAST = {"reassoc", "contract", "nsz", "arcp"}  # no 'ninf': thresholds may be -i
 def layer_thresholds(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per image, layer and count ``k``: the threshold ``t`` (the k-th smallest entry of the layer's
     ``(N, N)`` map, protected diagonal entries excluded; −inf for k = 0) and how many entries equal to ``t``
-    are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)``; results are ``(B, L, R)``.
+    are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)`` float32; results are ``(B, L, R)``.
 
-    One count: numpy's vectorised in-place selection; several: one in-place sort serves them all."""
+    One count: a compiled radix selection reading the maps in place; several: one sort of a copy serves them all."""
     batch, n, _ = maps[0].shape
-    rows = np.stack(maps, axis=1).reshape(batch * len(maps), n * n)  # a copy: selection reorders it
+    is_protected = np.zeros(n, dtype=np.bool_)
+    is_protected[list(protected)] = True
+    if len({int(k) for k in counts if k > 0}) <= 1:
+        thresholds, ties = _radix_thresholds(maps, counts, is_protected)
+        return thresholds, ties
+    rows = np.stack(maps, axis=1).reshape(batch * len(maps), n * n)  # a copy: sorting reorders it
     rows[:, [p * n + p for p in protected]] = np.inf
-    positive = sorted({int(k) for k in counts if k > 0})
-    if len(positive) == 1:
-        rows.partition(positive[0] - 1, axis=1)
-    elif positive:
-        rows.sort(axis=1)
-    thresholds = np.where(counts > 0, rows[:, np.maximum(counts - 1, 0)], -np.inf)
-    ties = np.where(counts > 0, counts - _count_below(rows, thresholds, len(positive) > 1), 0)
+    rows.sort(axis=1)
+    thresholds = np.where(counts > 0, rows[:, np.maximum(counts - 1, 0)], -np.inf).astype(rows.dtype)
+    ties = np.where(counts > 0, counts - _count_below_sorted(rows, thresholds), 0)
     return thresholds.reshape(batch, len(maps), -1), ties.reshape(batch, len(maps), -1)
 
 
 @numba.njit(parallel=True, cache=True)
-def _count_below(rows, thresholds, rows_sorted):
-    """``(M, R)`` counts of the entries of each row below each of its thresholds."""
+def _count_below_sorted(rows, thresholds):
+    """``(M, R)`` counts of the entries of each sorted row below each of its thresholds."""
     counts = np.zeros(thresholds.shape, dtype=np.int64)
     for m in numba.prange(rows.shape[0]):
         for r in range(thresholds.shape[1]):
-            t = thresholds[m, r]
-            if rows_sorted:
-                counts[m, r] = np.searchsorted(rows[m], t)
-            else:
-                below = 0
-                for x in rows[m]:
-                    below += x < t
-                counts[m, r] = below
+            counts[m, r] = np.searchsorted(rows[m], thresholds[m, r])
     return counts
+
+
+SIGN = np.uint32(0x80000000)
+INF_KEY = np.uint32(0xFF800000)  # the key of +inf: protected entries rank above every finite value
+
+
+@numba.njit(cache=True, inline="always")
+def _order_key(x):
+    """A uint32 that orders as the float32 ``x`` does (−0 and +0 share one key)."""
+    bits = np.float32(x + np.float32(0.0)).view(np.uint32)  # x + 0 turns −0 into +0
+    return ~bits if bits & SIGN else bits | SIGN
+
+
+@numba.njit(cache=True)
+def _from_key(key):
+    bits = key & ~SIGN if key & SIGN else ~key
+    return np.uint32(bits).view(np.float32)
+
+
+@numba.njit(cache=True)
+def _select_in_row(matrix, protected, k, keys):
+    """The k-th smallest (k ≥ 1) entry of ``matrix`` ``(N, N)`` (protected diagonal entries as +inf) and
+    how many entries lie below it. Radix selection on order keys, 12 + 12 + 8 bits: each pass histograms
+    the remaining candidates, finds the digit holding rank k and keeps only the candidates with it."""
+    n = matrix.shape[0]
+    for i in range(n):
+        for j in range(n):
+            keys[i * n + j] = INF_KEY if protected[i] and i == j else _order_key(matrix[i, j])
+    remaining, below, prefix = n * n, 0, np.uint32(0)
+    for shift, width in ((20, 12), (8, 12), (0, 8)):
+        mask = np.uint32((1 << width) - 1)
+        histogram = np.zeros(1 << width, dtype=np.int64)
+        for c in range(remaining):
+            histogram[(keys[c] >> shift) & mask] += 1
+        digit = 0
+        while below + histogram[digit] < k:
+            below += histogram[digit]
+            digit += 1
+        kept = 0
+        for c in range(remaining):
+            if (keys[c] >> shift) & mask == digit:
+                keys[kept] = keys[c]
+                kept += 1
+        remaining = kept
+        prefix |= np.uint32(digit) << shift
+    return _from_key(prefix), below
+
+
+@numba.njit(parallel=True, cache=True)
+def _radix_thresholds(maps, counts, protected):
+    """``layer_thresholds`` for one distinct positive count, without copying the maps: ``(B, L, R)``."""
+    batch, n, _ = maps[0].shape
+    layers, ratios = len(maps), counts.shape[0]
+    thresholds = np.full((batch, layers, ratios), -np.inf, dtype=np.float32)
+    ties = np.zeros((batch, layers, ratios), dtype=np.int64)
+    k = counts.max()
+    if k == 0:
+        return thresholds, ties
+    for bl in numba.prange(batch * layers):
+        b, layer = bl // layers, bl % layers
+        keys = np.empty(n * n, dtype=np.uint32)
+        t, below = _select_in_row(maps[layer][b], protected, k, keys)
+        for r in range(ratios):
+            if counts[r] > 0:
+                thresholds[b, layer, r] = t
+                ties[b, layer, r] = k - below
+    return thresholds, ties
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -125,9 +186,9 @@ def rollout_masks_by_ratio(fused: Sequence[Tensor], readout: Tensor, layout: Tok
     maps = tuple(np.ascontiguousarray(f.float().numpy()) for f in fused)  # L × (B, N, N), no copy if already so
     batch, n, _ = maps[0].shape
     counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
+    thresholds, ties = layer_thresholds(maps, counts, layout.protected_tokens)
     protected = np.zeros(n, dtype=np.bool_)
     protected[list(layout.protected_tokens)] = True
-    thresholds, ties = layer_thresholds(maps, counts, layout.protected_tokens)
     values = _roll(maps, thresholds, ties, protected, readout.double().cpu().numpy())
     masks = to_mask(torch.from_numpy(values).reshape(batch * len(discard_ratios), n), layout)
     return masks.float().view(batch, len(discard_ratios), *layout.grid)
