@@ -9,7 +9,7 @@ from conftest import random_attention
 from vitexplain.methods import TokenLayout, attention_rollout, fuse_heads, gradient_rollout
 from vitexplain.methods.base import (add_residual, discard_by_ratio, discard_lowest, rollout_masks_torch, rollout_readout,
                                      to_mask)
-from vitexplain.methods.rollout_kernel import layer_thresholds, rollout_masks
+from vitexplain.methods.rollout_kernel import layer_thresholds, rollout_masks, select_threshold
 
 CLS = TokenLayout(num_prefix_tokens=1, grid=(1, 2), protected_tokens=(0,))
 E0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
@@ -206,12 +206,10 @@ def test_compiled_kernel_equals_torch_rollout_including_ties(protected, ratios):
 
 
 def reference_thresholds(matrix: np.ndarray, k: int, protected: tuple[int, ...]) -> tuple[float, int]:
-    """The k-th smallest entry (protected diagonal entries as +inf) and how many of its equals are discarded."""
+    """The k-th smallest entry (k ≥ 1; protected diagonal entries as +inf) and how many of its equals are discarded."""
     n = matrix.shape[0]
     values = matrix.astype(np.float64).ravel()
     values[[p * n + p for p in protected]] = np.inf
-    if k == 0:
-        return -np.inf, 0
     t = np.sort(values)[k - 1]
     return t, k - int((values < t).sum())
 
@@ -219,7 +217,7 @@ def reference_thresholds(matrix: np.ndarray, k: int, protected: tuple[int, ...])
 @pytest.mark.parametrize("protected", [(), (0,), (0, 1)])
 def test_radix_selection_equals_sorting_on_awkward_values(protected):
     """The compiled radix selection (one count) and the sort (several counts) against a plain sort: values that
-    share all but their last bits, negatives, −0 next to +0, all-equal maps, k = 0 and k = every entry."""
+    share all but their last bits, negatives, −0 next to +0, all-equal maps, k = 1 and k = every entry."""
     rng = np.random.default_rng(3)
     n = 7
     base = np.float32(0.3)
@@ -230,11 +228,13 @@ def test_radix_selection_equals_sorting_on_awkward_values(protected):
     maps = tuple(np.stack([layer, layer.T.copy()]) for layer in layers)  # L × (B=2, N, N)
     largest = n * n - len(protected)
     negatives = int((signed < 0).sum())  # ranks negatives + 1 … + 3 are the three zeros, whatever their sign
-    for k in (0, 1, 2, 17, negatives + 1, negatives + 2, negatives + 3, largest - 1, largest):
-        one = layer_thresholds(maps, np.array([k]), protected)  # one count: the radix selection
-        several = layer_thresholds(maps, np.array([k, 1, largest]), protected)  # several: the sort
+    is_protected = np.isin(np.arange(n), protected)
+    keys = np.empty(n * n, dtype=np.uint32)
+    for k in (1, 2, 17, negatives + 1, negatives + 2, negatives + 3, largest - 1, largest):
+        several = layer_thresholds(maps, np.array([k, 0, largest]), protected)  # one sort for every count
         for b in range(2):
             for layer in range(len(maps)):
                 expected = reference_thresholds(maps[layer][b], k, protected)
-                assert (one[0][b, layer, 0], one[1][b, layer, 0]) == expected
+                assert select_threshold(maps[layer][b], is_protected, k, keys) == expected  # one count: radix selection
                 assert (several[0][b, layer, 0], several[1][b, layer, 0]) == expected
+                assert (several[0][b, layer, 1], several[1][b, layer, 1]) == (-np.inf, 0)

@@ -75,7 +75,7 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prediction_record(probabilities: torch.Tensor, target: int | None, class_names: Sequence[str]) -> dict:
+def prediction_record(probabilities: np.ndarray, target: int | None, class_names: Sequence[str]) -> dict:
     """Manifest fields for one output: the target and the model's top-1 (``None`` for a headless model)."""
     predicted = int(probabilities.argmax()) if class_names else None
     return {
@@ -288,12 +288,13 @@ def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, cla
     sweep = request.sweep
     explanation = explainer.explain(batch.pixels.to(device, non_blocking=True), request.classes,
                                     sweep.ratios if sweep else None)
-    probabilities = explanation.probabilities.cpu()
+    probabilities = explanation.probabilities.cpu().numpy()  # numpy: cheap per-image indexing below
     masks = explanation.masks.cpu().numpy().astype(np.float32)
-    targets = None if explanation.targets is None else explanation.targets.cpu()
+    targets = None if explanation.targets is None else explanation.targets.cpu().numpy()
+    fields = request.fields()
     for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
         for column in range(masks.shape[1]):
             target = None if targets is None else int(targets[row, column])
-            record = {**request.fields(), **prediction_record(probabilities[row], target, class_names)}
+            record = {**fields, **prediction_record(probabilities[row], target, class_names)}
             background.submit(write_output, writer, path, request.label(target), original, masks[row, column], record,
                               render, sweep)

@@ -57,24 +57,28 @@ def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
 @numba.njit(nogil=True, cache=True)
 def _blend_heat(image, masks, y_taps, x_taps, table, weight):
     """``(R, H, W, 3)``: ``round(((256 − w)·image + w·table[round(255·v)]) / 256)`` per frame and pixel,
-    ``v`` the mask upsampled as in :func:`upsample_masks`."""
+    ``v`` the mask upsampled as in :func:`upsample_masks`. Row by row: the row's colour levels first
+    (float arithmetic alone, vectorised), then the integer blend."""
     (y0, y1, fy), (x0, x1, fx) = y_taps, x_taps
     height, width = image.shape[:2]
     frames, _, columns = masks.shape
     out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    rows = np.empty((height, columns), dtype=np.float32)
+    heat = table * weight + 128  # (256, 3) int32: the colour's share, rounding included
+    keep = 256 - weight
+    row = np.empty(columns, dtype=np.float32)
+    levels = np.empty(width, dtype=np.int32)
     one = np.float32(1.0)
     for r in range(frames):
         for y in range(height):
             for j in range(columns):
-                rows[y, j] = masks[r, y0[y], j] * (one - fy[y]) + masks[r, y1[y], j] * fy[y]
-        for y in range(height):
+                row[j] = masks[r, y0[y], j] * (one - fy[y]) + masks[r, y1[y], j] * fy[y]
             for x in range(width):
-                value = rows[y, x0[x]] * (one - fx[x]) + rows[y, x1[x]] * fx[x]
+                value = row[x0[x]] * (one - fx[x]) + row[x1[x]] * fx[x]
                 value = min(one, max(np.float32(0.0), value))
-                level = int(value * np.float32(255.0) + np.float32(0.5))
+                levels[x] = int(value * np.float32(255.0) + np.float32(0.5))
+            for x in range(width):
                 for c in range(3):
-                    out[r, y, x, c] = (image[y, x, c] * (256 - weight) + table[level, c] * weight + 128) >> 8
+                    out[r, y, x, c] = (image[y, x, c] * keep + heat[levels[x], c]) >> 8
     return out
 
 

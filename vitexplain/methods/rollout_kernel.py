@@ -1,10 +1,11 @@
-"""Rollout on CPU for any number of discard ratios: one sort per layer, then a fused, compiled readout update.
+"""Rollout on CPU, compiled: per-layer thresholds, then the readout row updated layer by layer.
 
 For ratio ``r`` the discarded entries of a layer are its ``k_r = ⌊r·N²⌋`` smallest
 (per sample; ties by flat index; protected diagonal entries never), i.e. the
 entries below the k-th smallest value ``t_r`` plus the first few equal to it.
-One sort per layer gives every ``t_r``. The readout row is then updated without
-ever forming ``Â``:
+One ratio: a linear-time radix selection finds ``t_r`` just before the layer's
+rollout step (the map is read from memory once); several ratios: one sort per
+layer gives every ``t_r``. The readout row is then updated without ever forming ``Â``:
 
     v'_j = Σ_i u_i (F_ij [kept_ij] + δ_ij),   u_i = v_i / (1 + Σ_j F_ij [kept_ij]),
 
@@ -30,15 +31,9 @@ FAST = {"reassoc", "contract", "nsz", "arcp"}  # no 'ninf': thresholds may be -i
 def layer_thresholds(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
     """Per image, layer and count ``k``: the threshold ``t`` (the k-th smallest entry of the layer's
     ``(N, N)`` map, protected diagonal entries excluded; −inf for k = 0) and how many entries equal to ``t``
-    are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)`` float32; results are ``(B, L, R)``.
-
-    One count: a compiled radix selection reading the maps in place; several: one sort of a copy serves them all."""
+    are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)``; results are ``(B, L, R)``.
+    One in-place sort of a copy serves every count."""
     batch, n, _ = maps[0].shape
-    is_protected = np.zeros(n, dtype=np.bool_)
-    is_protected[list(protected)] = True
-    if len({int(k) for k in counts if k > 0}) <= 1:
-        thresholds, ties = _radix_thresholds(maps, counts, is_protected)
-        return thresholds, ties
     rows = np.stack(maps, axis=1).reshape(batch * len(maps), n * n)  # a copy: sorting reorders it
     rows[:, [p * n + p for p in protected]] = np.inf
     rows.sort(axis=1)
@@ -75,53 +70,52 @@ def _from_key(key):
 
 
 @numba.njit(cache=True)
-def _select_in_row(matrix, protected, k, keys):
-    """The k-th smallest (k ≥ 1) entry of ``matrix`` ``(N, N)`` (protected diagonal entries as +inf) and
-    how many entries lie below it. Radix selection on order keys, 12 + 12 + 8 bits: each pass histograms
-    the remaining candidates, finds the digit holding rank k and keeps only the candidates with it."""
+def select_threshold(matrix, protected, k, keys):
+    """The k-th smallest (k ≥ 1) entry ``t`` of a float32 ``(N, N)`` map, protected diagonal entries
+    ranking as +inf, and how many of the ties equal to ``t`` are discarded (``k`` minus the entries
+    below ``t``). ``keys`` is scratch space for ``N²`` uint32.
+
+    Radix selection on order keys, digits of 12, 12 and 8 bits: each pass histograms the remaining
+    candidates, finds the digit that holds rank k and keeps only the candidates with that digit. The
+    first, full-size histogram counts into four interleaved copies: attention values crowd into few
+    bins, and one copy would make every increment wait for the previous one."""
     n = matrix.shape[0]
-    for i in range(n):
-        for j in range(n):
-            keys[i * n + j] = INF_KEY if protected[i] and i == j else _order_key(matrix[i, j])
-    remaining, below, prefix = n * n, 0, np.uint32(0)
+    total = n * n
+    flat = matrix.reshape(total)
+    for index in range(total):
+        keys[index] = _order_key(flat[index])
+    for p in range(n):
+        if protected[p]:
+            keys[p * n + p] = INF_KEY
+    lanes = np.zeros((4, 1 << 12), dtype=np.int32)
+    whole = total - total % 4
+    for index in range(0, whole, 4):
+        lanes[0, keys[index] >> 20] += 1
+        lanes[1, keys[index + 1] >> 20] += 1
+        lanes[2, keys[index + 2] >> 20] += 1
+        lanes[3, keys[index + 3] >> 20] += 1
+    for index in range(whole, total):
+        lanes[0, keys[index] >> 20] += 1
+    histogram = lanes.sum(axis=0).astype(np.int32)
+    below, prefix, remaining = 0, np.uint32(0), total
     for shift, width in ((20, 12), (8, 12), (0, 8)):
-        mask = np.uint32((1 << width) - 1)
-        histogram = np.zeros(1 << width, dtype=np.int64)
-        for c in range(remaining):
-            histogram[(keys[c] >> shift) & mask] += 1
+        mask = (1 << width) - 1
+        if shift != 20:
+            histogram = np.zeros(1 << width, dtype=np.int32)
+            for c in range(remaining):
+                histogram[(keys[c] >> shift) & mask] += 1
         digit = 0
         while below + histogram[digit] < k:
             below += histogram[digit]
             digit += 1
+        prefix |= np.uint32(digit) << shift
         kept = 0
         for c in range(remaining):
             if (keys[c] >> shift) & mask == digit:
                 keys[kept] = keys[c]
                 kept += 1
         remaining = kept
-        prefix |= np.uint32(digit) << shift
-    return _from_key(prefix), below
-
-
-@numba.njit(parallel=True, cache=True)
-def _radix_thresholds(maps, counts, protected):
-    """``layer_thresholds`` for one distinct positive count, without copying the maps: ``(B, L, R)``."""
-    batch, n, _ = maps[0].shape
-    layers, ratios = len(maps), counts.shape[0]
-    thresholds = np.full((batch, layers, ratios), -np.inf, dtype=np.float32)
-    ties = np.zeros((batch, layers, ratios), dtype=np.int64)
-    k = counts.max()
-    if k == 0:
-        return thresholds, ties
-    for bl in numba.prange(batch * layers):
-        b, layer = bl // layers, bl % layers
-        keys = np.empty(n * n, dtype=np.uint32)
-        t, below = _select_in_row(maps[layer][b], protected, k, keys)
-        for r in range(ratios):
-            if counts[r] > 0:
-                thresholds[b, layer, r] = t
-                ties[b, layer, r] = k - below
-    return thresholds, ties
+    return _from_key(prefix), k - below
 
 
 @numba.njit(cache=True, fastmath=FAST)
@@ -149,22 +143,19 @@ def _kept_row(row, t, i, protected, ties_to_drop, kept):
 
 
 @numba.njit(cache=True, fastmath=FAST)
-def _roll_one(maps, b, thresholds, ties_dropped, protected, v):
-    """Readout row of image ``b`` for one ratio: ``v ← vᵀ Â_l`` from the last layer to the first."""
+def _roll_layer(matrix, t, ties_dropped, protected, v):
+    """One rollout step ``vᵀ Â`` through a layer's ``(N, N)`` map with threshold ``t``."""
     n = v.shape[0]
     kept = np.empty(n)
-    for layer in range(len(maps) - 1, -1, -1):
-        t = thresholds[layer]
-        room = ties_dropped[layer]
-        new = np.zeros(n)
-        for i in range(n):
-            room -= _kept_row(maps[layer][b, i], t, i, protected, room, kept)
-            u = v[i] / (1.0 + kept.sum())
-            new[i] += u
-            for j in range(n):
-                new[j] += u * kept[j]
-        v = new
-    return v
+    new = np.zeros(n)
+    room = ties_dropped
+    for i in range(n):
+        room -= _kept_row(matrix[i], t, i, protected, room, kept)
+        u = v[i] / (1.0 + kept.sum())
+        new[i] += u
+        for j in range(n):
+            new[j] += u * kept[j]
+    return new
 
 
 @numba.njit(parallel=True, cache=True)
@@ -174,9 +165,29 @@ def _roll(maps, thresholds, ties_dropped, protected, readout):
     ratios = thresholds.shape[2]
     out = np.empty((batch, ratios, n))
     for br in numba.prange(batch * ratios):
-        b = br // ratios
-        r = br % ratios
-        out[b, r] = _roll_one(maps, b, thresholds[b, :, r], ties_dropped[b, :, r], protected, readout[b].copy())
+        b, r = br // ratios, br % ratios
+        v = readout[b].copy()
+        for layer in range(len(maps) - 1, -1, -1):
+            v = _roll_layer(maps[layer][b], thresholds[b, layer, r], ties_dropped[b, layer, r], protected, v)
+        out[b, r] = v
+    return out
+
+
+@numba.njit(parallel=True, cache=True)
+def _roll_selecting(maps, count, protected, readout):
+    """Readout rows ``(B, 1, N)`` for one discard count: each layer's threshold is selected just before
+    its rollout step, while the layer's map is still in cache."""
+    batch, _, n = maps[0].shape
+    out = np.empty((batch, 1, n))
+    for b in numba.prange(batch):
+        keys = np.empty(n * n, dtype=np.uint32)
+        v = readout[b].copy()
+        for layer in range(len(maps) - 1, -1, -1):
+            t, ties = np.float32(-np.inf), 0
+            if count > 0:
+                t, ties = select_threshold(maps[layer][b], protected, count, keys)
+            v = _roll_layer(maps[layer][b], t, ties, protected, v)
+        out[b, 0] = v
     return out
 
 
@@ -186,10 +197,13 @@ def rollout_masks_by_ratio(fused: Sequence[Tensor], readout: Tensor, layout: Tok
     maps = tuple(np.ascontiguousarray(f.float().numpy()) for f in fused)  # L × (B, N, N), no copy if already so
     batch, n, _ = maps[0].shape
     counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
-    thresholds, ties = layer_thresholds(maps, counts, layout.protected_tokens)
     protected = np.zeros(n, dtype=np.bool_)
     protected[list(layout.protected_tokens)] = True
-    values = _roll(maps, thresholds, ties, protected, readout.double().cpu().numpy())
+    readout_rows = readout.double().cpu().numpy()
+    if len(counts) == 1:
+        values = _roll_selecting(maps, counts[0], protected, readout_rows)
+    else:
+        values = _roll(maps, *layer_thresholds(maps, counts, layout.protected_tokens), protected, readout_rows)
     masks = to_mask(torch.from_numpy(values).reshape(batch * len(discard_ratios), n), layout)
     return masks.float().view(batch, len(discard_ratios), *layout.grid)
 
