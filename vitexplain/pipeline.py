@@ -89,7 +89,7 @@ def prediction_record(probabilities: np.ndarray, target: int | None, class_names
 
 
 def single_files(image, masks, render: RenderOptions) -> dict[str, tuple[str, Content]]:
-    """Overlay PNG (and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
+    """Overlay picture (PNG or JPEG, and raw ``.npy``) of a one-ratio explanation; ``masks`` is ``(1, gh, gw)``."""
     if render.max_side:
         image = fit_within(image, render.max_side)
     picture = overlay(image, masks[0], render.colormap, render.alpha, render.stretch)
