@@ -13,7 +13,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from vitexplain.openmp import shorten_spin_wait
+
+shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads: every run below gets it
+
+import torch  # noqa: E402
 
 from vitexplain import AttentionRollout, load_model, preprocessing_for
 from vitexplain.data import find_images

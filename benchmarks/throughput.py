@@ -5,7 +5,8 @@
 
 Prints images/s for each (the median over --rounds rounds, the four runs interleaved in every round, so
 that a noisy machine slows all of them alike) and the ratios b/a and d/c (targets on CPU, deit_tiny,
->= 256 images: b/a >= 0.85, d/c >= 0.8). The process uses the CLI's heap settings for every run. Images: the bundled examples/images copied to --images files (optionally resized so their
+>= 256 images: b/a >= 0.85, d/c >= 0.8). The process uses the CLI's heap and OpenMP settings (vitexplain.allocator,
+vitexplain.openmp) for every run. Images: the bundled examples/images copied to --images files (optionally resized so their
 longer side is --resize), read by the same DataLoader (--workers processes) in every run.
 
     python benchmarks/throughput.py [--images 256] [--batch-size 32] [--format png|jpg] [--resize 256] [--device auto] [--rounds 3]
@@ -13,13 +14,18 @@ longer side is --resize), read by the same DataLoader (--workers processes) in e
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from vitexplain.openmp import shorten_spin_wait
+
+shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads: every run below gets it
+
+import torch  # noqa: E402
 from PIL import Image
 
 from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
@@ -121,7 +127,8 @@ def main() -> None:
         rates = {name: statistics.median(values) for name, values in measured.items()}
     size = f"longer side {args.resize}" if args.resize else "bundled photos at full size (0.15-0.27 MP)"
     print(f"{len(paths)} images ({size}), {args.model}, batch {args.batch_size}, {args.workers} workers, "
-          f"{device}, overlays as {args.format}{', amp' if amp else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{device}, overlays as {args.format}{', amp' if amp else ''}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"GOMP_SPINCOUNT={os.environ.get('GOMP_SPINCOUNT', 'unset')}")
     for name, rate in rates.items():
         spread = ", ".join(f"{value:.1f}" for value in measured[name])
         print(f"  {name:28s} {rate:7.1f} images/s  (median of {spread})")

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import imageio.v3 as iio
 import pytest
@@ -11,7 +15,7 @@ from typer.testing import CliRunner
 
 from conftest import write_image
 from vitexplain import AttentionRollout, GradientRollout, load_model
-from vitexplain import allocator
+from vitexplain import allocator, openmp
 from vitexplain.cli import app, default_workers
 from vitexplain.pipeline import writer_threads
 from vitexplain.profiling import STAGES, StageTimer
@@ -113,3 +117,36 @@ def test_allocator_settings_do_nothing_without_glibc(monkeypatch):
     monkeypatch.setattr(allocator, "_LIBC", None)
     assert allocator.keep_heap_memory() is False
     allocator.PeriodicTrim(every=1)()  # no error, nothing to call
+
+
+SPIN_PROBE = """
+import os, sys
+
+class NoteTorchImport:  # records GOMP_SPINCOUNT at the moment torch (and with it libgomp) is first imported
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and "at_torch_import" not in globals():
+            globals()["at_torch_import"] = os.environ.get("GOMP_SPINCOUNT")
+
+sys.meta_path.insert(0, NoteTorchImport())
+import vitexplain
+assert "torch" not in sys.modules, "importing the package alone must not load torch"
+import vitexplain.cli
+print(at_torch_import)
+"""
+
+
+@pytest.mark.parametrize("env, expected", [({}, "20000"), ({"GOMP_SPINCOUNT": "7"}, "7"),
+                                           ({"OMP_WAIT_POLICY": "PASSIVE"}, "None")])
+def test_cli_shortens_openmp_spin_before_torch_loads_unless_the_user_chose(env, expected):
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    result = subprocess.run([sys.executable, "-c", SPIN_PROBE], env={**base, **env}, capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
+
+
+def test_spin_is_left_alone_once_torch_is_loaded(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert openmp.shorten_spin_wait() is False  # torch is loaded in this process: too late to matter
+    assert "GOMP_SPINCOUNT" not in os.environ

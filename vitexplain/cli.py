@@ -1,5 +1,9 @@
 """``vitexplain`` command line: a thin shell over :func:`vitexplain.pipeline.explain_paths`."""
 
+from .openmp import shorten_spin_wait
+
+shorten_spin_wait()  # before torch loads libgomp: see vitexplain.openmp
+
 import inspect
 import os
 import signal
