@@ -7,7 +7,7 @@ Prints images/s for each (the median over --rounds rounds, the four runs interle
 that a noisy machine slows all of them alike) and the ratios b/a and d/c (targets on CPU, deit_tiny,
 >= 256 images: b/a >= 0.85, d/c >= 0.8). The process uses the CLI's heap and OpenMP settings (vitexplain.allocator,
 vitexplain.openmp) for every run. Images: the bundled examples/images copied to --images files (optionally resized so their
-longer side is --resize), read by the same DataLoader (--workers processes) in every run.
+longer side is --resize, up or down), read by the same DataLoader (--workers processes) in every run.
 
     python benchmarks/throughput.py [--images 256] [--batch-size 32] [--format png|jpg] [--resize 256] [--device auto] [--rounds 3]
 """
@@ -46,10 +46,12 @@ def image_folder(folder: Path, count: int, resize: int | None) -> list[Path]:
     for index in range(count):
         source = examples[index % len(examples)]
         target = folder / f"img{index:05d}{source.suffix}"
-        if resize:
+        if resize:  # e.g. --resize 4000: 12-megapixel photos, as from a phone camera
             with Image.open(source) as image:
-                image.thumbnail((resize, resize), Image.Resampling.LANCZOS)
-                image.save(target)
+                scale = resize / max(image.size)
+                size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+                resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC
+                image.resize(size, resample).save(target, quality=90)
         else:
             shutil.copy(source, target)
     return sorted(folder.iterdir())
@@ -81,7 +83,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=None, help="default: as the CLI for the device")
     parser.add_argument("--format", default="png", choices=("png", "jpg"))
-    parser.add_argument("--resize", type=int, default=None, help="longer side of the benchmark images")
+    parser.add_argument("--resize", type=int, default=None, help="longer side of the benchmark images, up- or downscaled")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--amp", action="store_true")

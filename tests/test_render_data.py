@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import write_image
-from vitexplain.data import Failure, find_images, to_model_input
+from PIL import Image
+
+from vitexplain.data import DOWNSCALE_GAP, Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
 from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_masks
 from vitexplain.writer import format_params, output_stems
@@ -94,6 +96,42 @@ def test_model_input_is_whole_image_resized_and_normalised():
     torch.testing.assert_close(x[0], torch.full((4, 6), 2.0))  # (1 - .5) / .25
     torch.testing.assert_close(x[1], torch.full((4, 6), -1.0))  # (0 - .5) / .5
     torch.testing.assert_close(x[2], torch.full((4, 6), -0.5))
+
+
+def smooth_photo(height: int, width: int) -> np.ndarray:
+    """A deterministic RGB picture with detail at every scale (gradients plus a fine checker)."""
+    y, x = np.mgrid[0:height, 0:width]
+    checker = ((y // 3 + x // 3) % 2) * 40
+    return np.stack([x * 200 // width + checker, y * 200 // height + checker, (x + y) % 256], axis=-1).astype(np.uint8)
+
+
+def direct_resize(rgb: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """The reference: one bicubic resize of the full image, no reduction step."""
+    return np.asarray(Image.fromarray(rgb).resize(prep.size[::-1], Image.Resampling.BICUBIC), dtype=np.float32)
+
+
+def pixel_levels(x: torch.Tensor, prep: Preprocessing) -> np.ndarray:
+    """Undo the normalisation: ``(3, H, W)`` model input → ``(H, W, 3)`` levels in [0, 255]."""
+    mean, std = torch.tensor(prep.mean).view(3, 1, 1), torch.tensor(prep.std).view(3, 1, 1)
+    return ((x * std + mean) * 255).permute(1, 2, 0).numpy()
+
+
+def test_model_input_resizes_directly_up_to_six_times_the_input_size():
+    prep = Preprocessing(size=(16, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    limit = int(2 * DOWNSCALE_GAP)
+    rgb = smooth_photo(16 * limit - 1, 24 * limit - 1)  # just under 2·gap× per axis: no reduction step
+    np.testing.assert_allclose(pixel_levels(to_model_input(rgb, prep), prep), direct_resize(rgb, prep), atol=1e-3)
+    # a Pillow image in gives exactly what its pixels as an array give
+    assert torch.equal(to_model_input(Image.fromarray(rgb), prep), to_model_input(rgb, prep))
+
+
+def test_model_input_of_a_large_image_stays_close_to_a_direct_resize():
+    prep = Preprocessing(size=(16, 24), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    rgb = smooth_photo(16 * 20, 24 * 20)  # 20× the input: box-reduced by 6, then bicubic
+    difference = np.abs(pixel_levels(to_model_input(rgb, prep), prep) - direct_resize(rgb, prep))
+    assert difference[..., :2].max() <= 1.0 + 1e-3  # gradients and fine texture: at most one level
+    assert difference.mean() < 0.5  # the blue channel's hard 255→0 edges differ by a few levels
+    assert difference.max() > 0.5  # the reduction step did run: not the direct path
 
 
 def test_output_names():

@@ -15,13 +15,13 @@ from pathlib import Path
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 from typer.testing import CliRunner
 
 from conftest import write_image
 import vitexplain.cli as cli
 import vitexplain.data as data
-from vitexplain.data import load_rgb
+from vitexplain.data import load_image, load_rgb
 
 runner = CliRunner()
 
@@ -114,6 +114,15 @@ def test_decoding_of_unusual_but_valid_images(uncurated):
     assert load_rgb(uncurated / "cmyk.jpg").shape == (20, 30, 3)
     assert load_rgb(uncurated / "gray.png")[0, 0].tolist() == [77, 77, 77]
     assert load_rgb(uncurated / "one.png").shape == (1, 1, 3)
+
+
+def test_decoded_pixels_match_a_plain_pillow_decode(uncurated):
+    for name in ("exif.jpg", "cmyk.jpg", "gray.png", "anim.gif", "one.png"):
+        with Image.open(uncurated / name) as image:
+            reference = np.array(ImageOps.exif_transpose(image).convert("RGB"))
+        assert np.array_equal(load_rgb(uncurated / name), reference), name
+        assert load_image(uncurated / name).mode == "RGB"
+    assert load_rgb(uncurated / "gray.png").flags.writeable  # the public array is the caller's to change
 
 
 def test_every_bad_input_is_reported_recorded_and_the_rest_processed(tmp_path, uncurated, save_test_vit):

@@ -101,10 +101,17 @@ def unusable_path_reason(path: Path) -> str:
 
 def load_rgb(path: str | Path) -> np.ndarray:
     """Decode ``path`` as an ``(H, W, 3)`` uint8 RGB array; raise :class:`ImageDecodeError` saying why not.
+    See :func:`load_image` for what is done to the pixels."""
+    return np.array(load_image(path))
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` as an RGB Pillow image; raise :class:`ImageDecodeError` saying why not.
 
     EXIF orientation is honoured; animated images give their first frame; 16-bit images are scaled
     to 8 bits; transparent images are composited on white. Images over ``Image.MAX_IMAGE_PIXELS``
-    (89.5 megapixels) are refused (decompression-bomb protection).
+    (89.5 megapixels) are refused (decompression-bomb protection). An upright RGB file is decoded
+    without further copies (a 12-megapixel photo carries 36 MB of pixels).
     """
     path = Path(path)
     if path.is_file() and path.stat().st_size == 0:
@@ -113,7 +120,8 @@ def load_rgb(path: str | Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
-                return to_rgb_array(ImageOps.exif_transpose(image))
+                ImageOps.exif_transpose(image, in_place=True)  # loads the pixels; copies only to rotate
+                return to_rgb_image(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageDecodeError(f"refused as a possible decompression bomb: {error}") from None
     except UnidentifiedImageError:
@@ -124,22 +132,32 @@ def load_rgb(path: str | Path) -> np.ndarray:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
 
 
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode → ``(H, W, 3)`` uint8 RGB."""
+def to_rgb_image(image: Image.Image) -> Image.Image:
+    """Any Pillow mode → RGB (``image`` itself when it is RGB already)."""
     if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         gray = (np.clip(np.asarray(image, dtype=np.int64), 0, 65535) >> 8).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=2)
+        return Image.fromarray(gray).convert("RGB")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.array(Image.alpha_composite(white, rgba).convert("RGB"))
-    return np.array(image.convert("RGB"))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def to_model_input(rgb: np.ndarray, prep: Preprocessing) -> torch.Tensor:
-    """Resize the whole image to the model's input size (no crop) and normalise: ``(3, H, W)`` float32."""
+DOWNSCALE_GAP = 3.0  # Pillow's reducing_gap: images over 6× the input size are box-reduced first
+
+
+def to_model_input(rgb: np.ndarray | Image.Image, prep: Preprocessing) -> torch.Tensor:
+    """Resize the whole image to the model's input size (no crop) and normalise: ``(3, H, W)`` float32.
+
+    An image more than ``2·DOWNSCALE_GAP`` times the input size along an axis is first reduced by an
+    integer factor (a box filter), so that the resampling filter reads at least ``DOWNSCALE_GAP`` pixels
+    per output pixel: 4× faster from a 12-megapixel photo, and within a level or two of a direct resize
+    (mean difference ~0.2 of 255 levels; a few levels at hard edges). Smaller images are resized directly."""
+    image = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
     height, width = prep.size
-    resized = Image.fromarray(rgb).resize((width, height), RESAMPLING.get(prep.interpolation, Image.Resampling.BICUBIC))
+    resample = RESAMPLING.get(prep.interpolation, Image.Resampling.BICUBIC)
+    resized = image.resize((width, height), resample, reducing_gap=DOWNSCALE_GAP)
     pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
     mean = torch.tensor(prep.mean).view(3, 1, 1)
     std = torch.tensor(prep.std).view(3, 1, 1)
@@ -183,9 +201,9 @@ class PackedImages:
         flat = torch.empty(sum(sizes), dtype=torch.uint8)
         if get_worker_info() is not None:
             flat.share_memory_()
-        offset = 0
+        target, offset = flat.numpy(), 0
         for image, size in zip(images, sizes):
-            flat[offset:offset + size] = torch.from_numpy(image.reshape(-1))
+            target[offset:offset + size] = image.reshape(-1)
             offset += size
         return cls(flat, [image.shape for image in images])
 
@@ -215,10 +233,11 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, np.ndarray | None, str | None, float]:
         started = time.perf_counter()
         try:
-            rgb = load_rgb(self.paths[index])
+            image = load_image(self.paths[index])
         except ImageDecodeError as error:
             return index, None, None, str(error), time.perf_counter() - started
-        return index, to_model_input(rgb, self.prep), rgb, None, time.perf_counter() - started
+        # the original as a read-only view of the decoded pixels: the collate copies it into the batch
+        return index, to_model_input(image, self.prep), np.asarray(image), None, time.perf_counter() - started
 
 
 class CollateBatch:
