@@ -11,7 +11,7 @@ from PIL import Image
 from vitexplain.data import DOWNSCALE_GAP, Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
 from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_masks
-from vitexplain.writer import format_params, output_stems
+from vitexplain.writer import encoded_image, format_params, output_stems
 
 
 @pytest.mark.parametrize("name", COLORMAPS)
@@ -132,6 +132,22 @@ def test_model_input_of_a_large_image_stays_close_to_a_direct_resize():
     assert difference[..., :2].max() <= 1.0 + 1e-3  # gradients and fine texture: at most one level
     assert difference.mean() < 0.5  # the blue channel's hard 255→0 edges differ by a few levels
     assert difference.max() > 0.5  # the reduction step did run: not the direct path
+
+
+def test_png_overlays_are_lossless_and_jpeg_close(tmp_path):
+    import io
+
+    rgb = smooth_photo(60, 90)
+    for image_format in ("png", "jpg"):
+        buffer = io.BytesIO()
+        encoded_image(rgb, image_format)(buffer)
+        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")).astype(np.int16)
+        if image_format == "png":
+            assert np.array_equal(decoded, rgb)
+        else:
+            assert np.abs(decoded - rgb).mean() < 10  # quality 90, on a fine 3-pixel checker (JPEG's hard case)
+    with pytest.raises(ValueError, match="unknown image format 'gif'"):
+        encoded_image(rgb, "gif")
 
 
 def test_output_names():

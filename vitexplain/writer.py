@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import tempfile
+import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
@@ -56,13 +57,15 @@ IMAGE_FORMATS = ("png", "jpg")
 
 
 def encoded_image(image: np.ndarray, image_format: str = "png") -> Callable[[BinaryIO], None]:
-    """An RGB picture's file content: PNG at zlib level 1 (3× faster than the default, ~20% larger), or JPEG
-    at quality 90 (~15× faster than PNG, ~4× smaller: the choice for large batch runs). Pillow encodes
+    """An RGB picture's file content: PNG at zlib level 1 with run-length matching only (on overlays 4× faster
+    than Pillow's default and about as small: after PNG's row filters little is left for longer matches to
+    find), or JPEG at quality 90 (~15× faster than PNG, ~4× smaller: the choice for large batch runs). Pillow encodes
     straight into the open output file: so it releases the GIL, which it holds when encoding into memory,
     and writer threads encode in parallel with each other and with the model."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
-    options = {"format": "JPEG", "quality": 90} if image_format == "jpg" else {"format": "PNG", "compress_level": 1}
+    options = ({"format": "JPEG", "quality": 90} if image_format == "jpg"
+               else {"format": "PNG", "compress_level": 1, "compress_type": zlib.Z_RLE})
     return lambda file: Image.fromarray(image).save(file, **options)
 
 
