@@ -42,6 +42,14 @@ def test_hand_computed_fusion_and_discard():
     assert discarded[1, 2] == pytest.approx(0.4) and discarded[0, 1] == pytest.approx(0.3)
 
 
+def test_head_mean_as_a_product_equals_the_mean_over_heads():
+    maps = random_attention(3, 5, 7)  # float64
+    torch.testing.assert_close(fuse_heads(maps.float(), "mean"), maps.mean(dim=1).float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(fuse_heads(maps, "mean"), maps.mean(dim=1), rtol=0, atol=1e-15)  # keeps float64
+    strided = maps.transpose(-1, -2)  # not contiguous: reshaped by a copy, same result
+    torch.testing.assert_close(fuse_heads(strided, "mean"), strided.mean(dim=1), rtol=0, atol=1e-15)
+
+
 def test_discard_counts_and_protects_cls_even_when_smallest():
     fused = torch.arange(16, dtype=torch.float32).view(1, 4, 4)  # (0,0) holds the smallest value 0
     fused[0, 0, 0] = -1.0
