@@ -1,13 +1,14 @@
 """Colormaps, overlays, image discovery and preprocessing."""
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
 import torch
-
-from conftest import write_image
 from PIL import Image
 
+from conftest import write_image
 from vitexplain.data import DOWNSCALE_GAP, Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
 from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_masks
@@ -134,9 +135,7 @@ def test_model_input_of_a_large_image_stays_close_to_a_direct_resize():
     assert difference.max() > 0.5  # the reduction step did run: not the direct path
 
 
-def test_png_overlays_are_lossless_and_jpeg_close(tmp_path):
-    import io
-
+def test_png_overlays_are_lossless_and_jpeg_close():
     rgb = smooth_photo(60, 90)
     for image_format in ("png", "jpg"):
         buffer = io.BytesIO()
