@@ -5,13 +5,14 @@ import hashlib
 import json
 import os
 import tempfile
-import zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Sequence
 
 import numpy as np
 from PIL import Image
+
+from .png import encode_png
 
 MANIFEST_NAME = "manifest.jsonl"
 _UMASK = os.umask(0)
@@ -57,16 +58,15 @@ IMAGE_FORMATS = ("png", "jpg")
 
 
 def encoded_image(image: np.ndarray, image_format: str = "png") -> Callable[[BinaryIO], None]:
-    """An RGB picture's file content: PNG at zlib level 1 with run-length matching only (on overlays 4× faster
-    than Pillow's default and about as small: after PNG's row filters little is left for longer matches to
-    find), or JPEG at quality 90 (~15× faster than PNG, ~4× smaller: the choice for large batch runs). Pillow encodes
-    straight into the open output file: so it releases the GIL, which it holds when encoding into memory,
-    and writer threads encode in parallel with each other and with the model."""
+    """An RGB picture's file content: PNG from :mod:`vitexplain.png` (Paeth-filtered, Huffman-coded: ~7× faster
+    than Pillow's fastest PNG setting, as small as its zlib level 1), or JPEG at quality 90 (~2.5× faster
+    still, ~6× smaller). Both encode without holding the GIL (Pillow only when it encodes straight into
+    the open output file), so writer threads encode in parallel with each other and with the model."""
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
-    options = ({"format": "JPEG", "quality": 90} if image_format == "jpg"
-               else {"format": "PNG", "compress_level": 1, "compress_type": zlib.Z_RLE})
-    return lambda file: Image.fromarray(image).save(file, **options)
+    if image_format == "png":
+        return lambda file: file.write(encode_png(image))
+    return lambda file: Image.fromarray(image).save(file, format="JPEG", quality=90)
 
 
 def encoded_array(array: np.ndarray) -> Callable[[BinaryIO], None]:
