@@ -5,6 +5,7 @@ import re
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from .render import fit_within, overlays, stamp_label
 
@@ -36,9 +37,10 @@ def ratios_tag(ratios: Sequence[float]) -> str:
 
 def sweep_frames(image: np.ndarray, masks: np.ndarray, ratios: Sequence[float], colormap: str, alpha: float,
                  stretch: bool, max_side: int) -> np.ndarray:
-    """``(R, H, W, 3)``: one overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``,
+    """``(R, H, W, 3)``: one overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``
+    (bilinear: frames end up as 256-colour GIF frames, where Lanczos's extra sharpness is lost),
     labelled with its ratio."""
-    frames = overlays(fit_within(image, max_side), masks, colormap, alpha, stretch)
+    frames = overlays(fit_within(image, max_side, Image.Resampling.BILINEAR), masks, colormap, alpha, stretch)
     for frame, ratio in zip(frames, ratios):
         stamp_label(frame, f"discard {ratio:.2f}")
     return frames
