@@ -14,6 +14,8 @@ import numba
 import numpy as np
 from PIL import Image
 
+from .bits import write_bits, written
+
 MIN_CODE_SIZE = 8  # 256-colour palettes
 CLEAR = 1 << MIN_CODE_SIZE
 END = CLEAR + 1
@@ -23,26 +25,13 @@ TABLE_MASK = (1 << TABLE_BITS) - 1
 
 
 @numba.njit(nogil=True, cache=True)
-def _write_code(out, position, bits, count, code, width):
-    """Append ``code`` (``width`` bits, LSB first) to the bit buffer; full bytes go to ``out``."""
-    bits |= code << count
-    count += width
-    while count >= 8:
-        out[position] = bits & 0xFF
-        position += 1
-        bits >>= 8
-        count -= 8
-    return position, bits, count
-
-
-@numba.njit(nogil=True, cache=True)
 def lzw_codes(pixels):
     """GIF LZW stream (without sub-block framing) of a flat uint8 array of palette indices."""
     out = np.empty(pixels.size * 2 + 16, dtype=np.uint8)  # 12-bit codes for 8-bit pixels: at most 1.5 bytes each
     table = np.full(1 << TABLE_BITS, -1, dtype=np.int64)  # (prefix code << 8 | pixel) << 12 | code, -1 empty
     position, bits, count = 0, 0, 0
     width, last, overflow = MIN_CODE_SIZE + 1, END, 1 << (MIN_CODE_SIZE + 1)
-    position, bits, count = _write_code(out, position, bits, count, CLEAR, width)
+    position, bits, count = write_bits(out, position, bits, count, CLEAR, width)
     code = np.int64(pixels[0])
     for index in range(1, pixels.size):
         key = (code << 8) | np.int64(pixels[index])
@@ -54,27 +43,24 @@ def lzw_codes(pixels):
         if entry >= 0:
             code = entry & MAX_CODE
             continue
-        position, bits, count = _write_code(out, position, bits, count, code, width)
+        position, bits, count = write_bits(out, position, bits, count, code, width)
         code = np.int64(pixels[index])
         last += 1  # the code the decoder now assigns
         if last == overflow:
             width += 1
             overflow <<= 1
         if last == MAX_CODE:  # out of codes: start afresh
-            position, bits, count = _write_code(out, position, bits, count, CLEAR, width)
+            position, bits, count = write_bits(out, position, bits, count, CLEAR, width)
             width, last, overflow = MIN_CODE_SIZE + 1, END, 1 << (MIN_CODE_SIZE + 1)
             table[:] = -1
         else:
             table[slot] = (key << 12) | last
-    position, bits, count = _write_code(out, position, bits, count, code, width)
+    position, bits, count = write_bits(out, position, bits, count, code, width)
     last += 1
     if last == overflow:
         width += 1
-    position, bits, count = _write_code(out, position, bits, count, END, width)
-    if count > 0:
-        out[position] = bits & 0xFF
-        position += 1
-    return out[:position]
+    position, bits, count = write_bits(out, position, bits, count, END, width)
+    return written(out, position, bits, count)
 
 
 def sub_blocks(data: np.ndarray) -> bytes:

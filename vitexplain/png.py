@@ -17,6 +17,8 @@ import zlib
 import numba
 import numpy as np
 
+from .bits import write_bits, written
+
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAETH = 4
 LITERALS = 257  # byte values 0-255 and the end-of-block symbol 256
@@ -135,19 +137,6 @@ def canonical_codes(lengths):
 
 
 @numba.njit(nogil=True, cache=True)
-def _put(out, position, bits, count, value, width):
-    """Append ``width`` bits of ``value`` to the bit buffer (LSB first); whole bytes go to ``out``."""
-    bits |= value << count
-    count += width
-    while count >= 8:
-        out[position] = bits & 0xFF
-        position += 1
-        bits >>= 8
-        count -= 8
-    return position, bits, count
-
-
-@numba.njit(nogil=True, cache=True)
 def deflate_literals(data):
     """A zlib stream (RFC 1950) of ``data`` (uint8) without its closing checksum: one final DEFLATE block
     with a dynamic Huffman code, every byte a literal."""
@@ -166,14 +155,14 @@ def deflate_literals(data):
     out = np.empty(16 + 3 * 19 // 8 + sent.size + payload_bits // 8 + 8, dtype=np.uint8)
     out[0], out[1] = 0x78, 0x01  # deflate, 32 KiB window; header check: 0x7801 % 31 == 0
     position, bits, count = 2, np.int64(0), 0
-    position, bits, count = _put(out, position, bits, count, 1 | (2 << 1), 3)  # final block, dynamic codes
-    position, bits, count = _put(out, position, bits, count, LITERALS - 257, 5)  # HLIT
-    position, bits, count = _put(out, position, bits, count, 2 - 1, 5)  # HDIST
-    position, bits, count = _put(out, position, bits, count, header_count - 4, 4)  # HCLEN
+    position, bits, count = write_bits(out, position, bits, count, 1 | (2 << 1), 3)  # final block, dynamic codes
+    position, bits, count = write_bits(out, position, bits, count, LITERALS - 257, 5)  # HLIT
+    position, bits, count = write_bits(out, position, bits, count, 2 - 1, 5)  # HDIST
+    position, bits, count = write_bits(out, position, bits, count, header_count - 4, 4)  # HCLEN
     for index in range(header_count):
-        position, bits, count = _put(out, position, bits, count, length_lengths[LENGTH_CODE_ORDER[index]], 3)
+        position, bits, count = write_bits(out, position, bits, count, length_lengths[LENGTH_CODE_ORDER[index]], 3)
     for length in sent:
-        position, bits, count = _put(out, position, bits, count, length_codes[length], length_lengths[length])
+        position, bits, count = write_bits(out, position, bits, count, length_codes[length], length_lengths[length])
     for byte in data:  # the bulk: whole 32-bit words to ``out``
         bits |= codes[byte] << count
         count += lengths[byte]
@@ -183,11 +172,8 @@ def deflate_literals(data):
             position += 4
             bits >>= 32
             count -= 32
-    position, bits, count = _put(out, position, bits, count, codes[END_OF_BLOCK], lengths[END_OF_BLOCK])
-    if count > 0:
-        out[position] = bits & 0xFF
-        position += 1
-    return out[:position]
+    position, bits, count = write_bits(out, position, bits, count, codes[END_OF_BLOCK], lengths[END_OF_BLOCK])
+    return written(out, position, bits, count)
 
 
 def chunk(kind: bytes, data: bytes) -> bytes:
