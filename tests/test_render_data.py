@@ -11,7 +11,7 @@ from PIL import Image
 from conftest import write_image
 from vitexplain.data import DOWNSCALE_GAP, Failure, find_images, to_model_input
 from vitexplain.models import Preprocessing
-from vitexplain.render import COLORMAPS, colormap_table, overlay, overlays, upsample_masks
+from vitexplain.render import COLORMAPS, colormap_table, fit_within, overlay, overlays, upsample_masks
 from vitexplain.writer import encoded_image, format_params, output_stems
 
 
@@ -157,3 +157,14 @@ def test_output_names():
     stems = output_stems([Path("x/cat.png"), Path("y/cat.png"), Path("y/dog.png")])
     assert stems[Path("y/dog.png")] == "dog"
     assert stems[Path("x/cat.png")] != stems[Path("y/cat.png")] and stems[Path("x/cat.png")].startswith("cat-")
+
+
+@pytest.mark.parametrize("resample", [Image.Resampling.LANCZOS, Image.Resampling.BILINEAR])
+def test_fit_within_downscales_the_longer_side_keeps_flat_areas_and_never_upscales(resample):
+    image = np.random.default_rng(0).integers(0, 256, (300, 450, 3), dtype=np.uint8)
+    assert fit_within(image, 128, resample).shape == (85, 128, 3)  # 300 · 128/450 = 85.3
+    assert fit_within(image, 450, resample) is image and fit_within(image, 1000, resample) is image
+    flat = np.full((300, 450, 3), 77, dtype=np.uint8)
+    assert (fit_within(flat, 128, resample) == 77).all()  # the filters average: a flat picture stays flat
+    # noise averages out: each output pixel is a mean over many inputs (no aliasing), far from 0 and 255
+    assert np.abs(fit_within(image, 64, resample).astype(float) - 127.5).mean() < 20
