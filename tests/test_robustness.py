@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from conftest import write_image
 import vitexplain.cli as cli
 import vitexplain.data as data
 from vitexplain.data import load_image, load_rgb
+from vitexplain.png import SIGNATURE, chunk, rgb_header
 
 runner = CliRunner()
 
@@ -36,10 +36,8 @@ def manifest(out: Path) -> list[dict]:
 
 def png_claiming(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width × height`` pixels (its data is one byte)."""
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
+    return (SIGNATURE + chunk(b"IHDR", rgb_header(width, height)) + chunk(b"IDAT", zlib.compress(b"\0"))
+            + chunk(b"IEND", b""))
 
 
 def exif_rotated_jpeg(path: Path) -> None:

@@ -181,6 +181,11 @@ def chunk(kind: bytes, data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(data, zlib.crc32(kind)).to_bytes(4, "big")
 
 
+def rgb_header(width: int, height: int) -> bytes:
+    """IHDR chunk data: ``width × height``, 8-bit RGB, deflate, adaptive filtering, no interlace."""
+    return width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+
+
 def encode_png(image: np.ndarray) -> bytes:
     """PNG file content of an ``(H, W, 3)`` uint8 RGB picture (Paeth-filtered rows, Huffman-coded)."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
@@ -189,5 +194,4 @@ def encode_png(image: np.ndarray) -> bytes:
     height, width = image.shape[:2]
     rows = paeth_rows(image).reshape(-1)
     stream = deflate_literals(rows).tobytes() + zlib.adler32(rows).to_bytes(4, "big")
-    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])  # 8-bit RGB
-    return SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    return SIGNATURE + chunk(b"IHDR", rgb_header(width, height)) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
