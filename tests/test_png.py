@@ -134,6 +134,15 @@ def test_stream_is_a_valid_zlib_stream_of_the_filtered_rows():
     assert zlib.decompress(stream) == rows.tobytes()
 
 
+def test_streams_of_every_short_length_end_cleanly():
+    """Lengths 1–80 of skewed bytes leave every count of pending bits (0–31) after the whole 32-bit words,
+    before the end-of-block code."""
+    data = (RNG.geometric(0.3, 80) % 256).astype(np.uint8)
+    for length in range(1, 81):
+        stream = deflate_literals(data[:length]).tobytes() + zlib.adler32(data[:length]).to_bytes(4, "big")
+        assert zlib.decompress(stream) == data[:length].tobytes()
+
+
 @pytest.mark.parametrize("shape", [(4, 4), (4, 4, 4), (0, 3, 3)])
 def test_only_rgb_pictures_are_accepted(shape):
     with pytest.raises(ValueError, match="RGB picture"):

@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import numba
 
+SLACK = 3  # bytes ``write_bits`` may store beyond the last whole byte: leave this much room in ``out``
+
 
 @numba.njit(nogil=True, cache=True)
 def write_bits(out, position, bits, count, value, width):
-    """Append the low ``width`` bits of ``value`` to the ``count`` bits held in ``bits``; whole bytes go to
-    ``out`` from ``position`` on. Returns the new ``(position, bits, count)``."""
+    """Append the low ``width`` (≤ 17) bits of ``value`` to the ``count`` (< 8) bits held in ``bits``;
+    whole bytes go to ``out`` from ``position`` on. Returns the new ``(position, bits, count)``, ``count``
+    again < 8. Without a branch: three bytes are always stored and the position moves by the whole ones,
+    so a coder may call it with ``width`` 0 to write nothing."""
     bits |= value << count
     count += width
-    while count >= 8:
-        out[position] = bits & 0xFF
-        position += 1
-        bits >>= 8
-        count -= 8
-    return position, bits, count
+    out[position] = bits & 0xFF
+    out[position + 1] = (bits >> 8) & 0xFF
+    out[position + 2] = (bits >> 16) & 0xFF
+    whole = count >> 3
+    return position + whole, bits >> (whole << 3), count & 7
 
 
 @numba.njit(nogil=True, cache=True)

@@ -17,7 +17,7 @@ import zlib
 import numba
 import numpy as np
 
-from .bits import write_bits, written
+from .bits import SLACK, write_bits, written
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAETH = 4
@@ -152,7 +152,7 @@ def deflate_literals(data):
     while length_lengths[LENGTH_CODE_ORDER[header_count - 1]] == 0:
         header_count -= 1
     payload_bits = (counts * lengths).sum()
-    out = np.empty(16 + 3 * 19 // 8 + sent.size + payload_bits // 8 + 8, dtype=np.uint8)
+    out = np.empty(16 + 3 * 19 // 8 + sent.size + payload_bits // 8 + 8 + SLACK, dtype=np.uint8)
     out[0], out[1] = 0x78, 0x01  # deflate, 32 KiB window; header check: 0x7801 % 31 == 0
     position, bits, count = 2, np.int64(0), 0
     position, bits, count = write_bits(out, position, bits, count, 1 | (2 << 1), 3)  # final block, dynamic codes
@@ -172,6 +172,7 @@ def deflate_literals(data):
             position += 4
             bits >>= 32
             count -= 32
+    position, bits, count = write_bits(out, position, bits, count, 0, 0)  # count < 32: its whole bytes out, < 8 left
     position, bits, count = write_bits(out, position, bits, count, codes[END_OF_BLOCK], lengths[END_OF_BLOCK])
     return written(out, position, bits, count)
 
