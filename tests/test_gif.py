@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitexplain.gif import encode_gif, shared_palette, sub_blocks
+from vitexplain.gif import encode_gif, sub_blocks
+from vitexplain.palette import quantize
 
 RNG = np.random.default_rng(0)
 FRAMES = {
@@ -22,11 +23,8 @@ FRAMES = {
 
 def quantised(frames: np.ndarray) -> np.ndarray:
     """The frames as the shared palette renders them: what a decoder must give back."""
-    palette = shared_palette(frames)
-    indices = np.asarray(Image.fromarray(frames.reshape(-1, *frames.shape[2:])).quantize(
-        palette=palette, dither=Image.Dither.NONE))
-    colours = np.array(palette.getpalette()[:768], dtype=np.uint8).reshape(-1, 3)
-    return colours[indices].reshape(frames.shape)
+    palette, indices = quantize(frames)
+    return palette[indices].reshape(frames.shape)
 
 
 @pytest.mark.parametrize("name", FRAMES)
