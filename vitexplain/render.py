@@ -55,21 +55,37 @@ def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
 
 
 @numba.njit(nogil=True, cache=True)
+def _packed_rgb(red, green, blue):
+    """Three 16-bit lanes of one uint64: ``red | green << 16 | blue << 32``."""
+    return np.uint64(red) | (np.uint64(green) << np.uint64(16)) | (np.uint64(blue) << np.uint64(32))
+
+
+@numba.njit(nogil=True, cache=True)
 def _blend_heat(image, masks, y_taps, x_taps, table, weight):
     """``(R, H, W, 3)``: ``round(((256 − w)·image + w·table[round(255·v)]) / 256)`` per frame and pixel,
-    ``v`` the mask upsampled as in :func:`upsample_masks`. Row by row: the row's colour levels first
-    (float arithmetic alone, vectorised), then the integer blend."""
+    ``v`` the mask upsampled as in :func:`upsample_masks`.
+
+    Row by row: the image's share ``(256 − w)·image`` once for all frames, then per frame the row's colour
+    levels (float arithmetic alone, vectorised) and the blend. Both shares are packed as three 16-bit lanes
+    of a uint64 (each lane's sum is at most 255·256 + 128 < 2¹⁶, so one addition blends all three
+    channels without carries)."""
     (y0, y1, fy), (x0, x1, fx) = y_taps, x_taps
     height, width = image.shape[:2]
     frames, _, columns = masks.shape
     out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    heat = table * weight + 128  # (256, 3) int32: the colour's share, rounding included
     keep = 256 - weight
+    heat = np.empty(256, dtype=np.uint64)  # the colour's share of each level, rounding included
+    for level in range(256):
+        heat[level] = _packed_rgb(table[level, 0] * weight + 128, table[level, 1] * weight + 128,
+                                  table[level, 2] * weight + 128)
+    shares = np.empty(width, dtype=np.uint64)
     row = np.empty(columns, dtype=np.float32)
     levels = np.empty(width, dtype=np.int32)
-    one = np.float32(1.0)
-    for r in range(frames):
-        for y in range(height):
+    one, eight = np.float32(1.0), np.uint64(8)
+    for y in range(height):
+        for x in range(width):
+            shares[x] = _packed_rgb(image[y, x, 0] * keep, image[y, x, 1] * keep, image[y, x, 2] * keep)
+        for r in range(frames):
             for j in range(columns):
                 row[j] = masks[r, y0[y], j] * (one - fy[y]) + masks[r, y1[y], j] * fy[y]
             for x in range(width):
@@ -77,8 +93,10 @@ def _blend_heat(image, masks, y_taps, x_taps, table, weight):
                 value = min(one, max(np.float32(0.0), value))
                 levels[x] = int(value * np.float32(255.0) + np.float32(0.5))
             for x in range(width):
-                for c in range(3):
-                    out[r, y, x, c] = (image[y, x, c] * keep + heat[levels[x], c]) >> 8
+                blended = (shares[x] + heat[levels[x]]) >> eight
+                out[r, y, x, 0] = blended & 0xFF
+                out[r, y, x, 1] = (blended >> np.uint64(16)) & 0xFF
+                out[r, y, x, 2] = (blended >> np.uint64(32)) & 0xFF
     return out
 
 
@@ -113,18 +131,19 @@ def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = 
     return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]
 
 
-def fit_within(image: np.ndarray, max_side: int,
-               resample: Image.Resampling = Image.Resampling.LANCZOS) -> np.ndarray:
+def fit_within(image: np.ndarray, max_side: int, resample: Image.Resampling = Image.Resampling.LANCZOS,
+               reducing_gap: float = 2.0) -> np.ndarray:
     """Downscale ``image`` so that its longer side is at most ``max_side`` (never upscales). Pillow's
     filters widen with the scale, so every filter averages over the pixels it reduces (no aliasing);
-    ``BILINEAR`` (a triangle) is softer than ``LANCZOS`` and half its cost."""
+    ``BILINEAR`` (a triangle) is softer than ``LANCZOS`` and half its cost. The image is first box-reduced
+    by the largest integer factor that leaves it at least ``reducing_gap`` times the target size (1: the
+    cheapest, a 2.5× reduction becomes a 2×2 box and a 1.25× filter)."""
     height, width = image.shape[:2]
     scale = max_side / max(height, width)
     if scale >= 1:
         return image
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # box-reduce by an integer factor first, then the filter: the same look at lower cost
-    return np.asarray(Image.fromarray(image).resize(size, resample, reducing_gap=2.0))
+    return np.asarray(Image.fromarray(image).resize(size, resample, reducing_gap=reducing_gap))
 
 
 @lru_cache(maxsize=256)
