@@ -146,12 +146,12 @@ def _kept_row(row, t, i, protected, ties_to_drop, kept):
 def _roll_layer(matrix, t, ties_dropped, protected, v):
     """One rollout step ``vᵀ Â`` through a layer's ``(N, N)`` map with threshold ``t``."""
     n = v.shape[0]
-    kept = np.empty(n)
-    new = np.zeros(n)
+    kept = np.empty(n, dtype=np.float32)
+    new = np.zeros(n, dtype=np.float32)
     room = ties_dropped
     for i in range(n):
         room -= _kept_row(matrix[i], t, i, protected, room, kept)
-        u = v[i] / (1.0 + kept.sum())
+        u = v[i] / (np.float32(1.0) + kept.sum())
         new[i] += u
         for j in range(n):
             new[j] += u * kept[j]
@@ -163,7 +163,7 @@ def _roll(maps, thresholds, ties_dropped, protected, readout):
     """Readout rows ``(B, R, N)`` from maps ``L × (B, N, N)``, thresholds and ties ``(B, L, R)``."""
     batch, _, n = maps[0].shape
     ratios = thresholds.shape[2]
-    out = np.empty((batch, ratios, n))
+    out = np.empty((batch, ratios, n), dtype=np.float32)
     for br in numba.prange(batch * ratios):
         b, r = br // ratios, br % ratios
         v = readout[b].copy()
@@ -178,7 +178,7 @@ def _roll_selecting(maps, count, protected, readout):
     """Readout rows ``(B, 1, N)`` for one discard count: each layer's threshold is selected just before
     its rollout step, while the layer's map is still in cache."""
     batch, _, n = maps[0].shape
-    out = np.empty((batch, 1, n))
+    out = np.empty((batch, 1, n), dtype=np.float32)
     for b in numba.prange(batch):
         keys = np.empty(n * n, dtype=np.uint32)
         v = readout[b].copy()
@@ -199,7 +199,7 @@ def rollout_masks_by_ratio(fused: Sequence[Tensor], readout: Tensor, layout: Tok
     counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
     protected = np.zeros(n, dtype=np.bool_)
     protected[list(layout.protected_tokens)] = True
-    readout_rows = readout.double().cpu().numpy()
+    readout_rows = readout.float().cpu().numpy()
     if len(counts) == 1:
         values = _roll_selecting(maps, counts[0], protected, readout_rows)
     else:
