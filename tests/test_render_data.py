@@ -159,12 +159,13 @@ def test_output_names():
     assert stems[Path("x/cat.png")] != stems[Path("y/cat.png")] and stems[Path("x/cat.png")].startswith("cat-")
 
 
-@pytest.mark.parametrize("resample", [Image.Resampling.LANCZOS, Image.Resampling.BILINEAR])
-def test_fit_within_downscales_the_longer_side_keeps_flat_areas_and_never_upscales(resample):
+@pytest.mark.parametrize("resample, gap", [(Image.Resampling.LANCZOS, 2.0), (Image.Resampling.BILINEAR, 2.0),
+                                          (Image.Resampling.BILINEAR, 1.0)])  # the last: sweep frames
+def test_fit_within_downscales_the_longer_side_keeps_flat_areas_and_never_upscales(resample, gap):
     image = np.random.default_rng(0).integers(0, 256, (300, 450, 3), dtype=np.uint8)
-    assert fit_within(image, 128, resample).shape == (85, 128, 3)  # 300 · 128/450 = 85.3
-    assert fit_within(image, 450, resample) is image and fit_within(image, 1000, resample) is image
+    assert fit_within(image, 128, resample, gap).shape == (85, 128, 3)  # 300 · 128/450 = 85.3
+    assert fit_within(image, 450, resample, gap) is image and fit_within(image, 1000, resample, gap) is image
     flat = np.full((300, 450, 3), 77, dtype=np.uint8)
-    assert (fit_within(flat, 128, resample) == 77).all()  # the filters average: a flat picture stays flat
+    assert (fit_within(flat, 128, resample, gap) == 77).all()  # the filters average: a flat picture stays flat
     # noise averages out: each output pixel is a mean over many inputs (no aliasing), far from 0 and 255
-    assert np.abs(fit_within(image, 64, resample).astype(float) - 127.5).mean() < 20
+    assert np.abs(fit_within(image, 64, resample, gap).astype(float) - 127.5).mean() < 20

@@ -38,9 +38,10 @@ def ratios_tag(ratios: Sequence[float]) -> str:
 def sweep_frames(image: np.ndarray, masks: np.ndarray, ratios: Sequence[float], colormap: str, alpha: float,
                  stretch: bool, max_side: int) -> np.ndarray:
     """``(R, H, W, 3)``: one overlay per ratio (``masks`` is ``(R, gh, gw)``), downscaled to ``max_side``
-    (bilinear: frames end up as 256-colour GIF frames, where Lanczos's extra sharpness is lost),
-    labelled with its ratio."""
-    frames = overlays(fit_within(image, max_side, Image.Resampling.BILINEAR), masks, colormap, alpha, stretch)
+    (a box reduction, then bilinear: frames end up as 256-colour GIF frames, where Lanczos's extra
+    sharpness is lost), labelled with its ratio."""
+    frames = overlays(fit_within(image, max_side, Image.Resampling.BILINEAR, reducing_gap=1.0), masks, colormap,
+                      alpha, stretch)
     for frame, ratio in zip(frames, ratios):
         stamp_label(frame, f"discard {ratio:.2f}")
     return frames
