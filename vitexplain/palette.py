@@ -88,6 +88,8 @@ def best_cut(level_weights, level_sums):
         left_weight = 0.0
         left[:] = 0.0
         for level in range(1, LEVELS):
+            if level_weights[axis, level - 1] == 0.0:
+                continue  # the same cut as one level lower, or none
             left_weight += level_weights[axis, level - 1]
             for channel in range(3):
                 left[channel] += level_sums[axis, level - 1, channel]
