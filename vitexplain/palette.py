@@ -94,7 +94,7 @@ def best_cut(level_weights, level_sums):
             for channel in range(3):
                 left[channel] += level_sums[axis, level - 1, channel]
                 right[channel] = total[channel] - left[channel]
-            if left_weight == 0.0 or left_weight >= weight:
+            if left_weight >= weight:  # nothing on the right
                 continue
             gain = squared_norm_over(left, left_weight) + squared_norm_over(right, weight - left_weight) - whole
             if gain > best:
