@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -241,21 +242,99 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, twelve_images, sa
     assert len(manifest(out)) == 12  # one line per output, old lines replaced
 
 
-def test_real_ctrl_c_in_a_subprocess_then_rerun_finishes(tmp_path, twelve_images, save_test_vit):
+def test_ctrl_c_stops_between_batches_and_a_second_one_at_once(tmp_path, twelve_images, save_test_vit,
+                                                             monkeypatch):
+    """A SIGINT that arrives while a batch is read or explained stops the run before the next batch: the
+    batch being explained is finished and recorded, one being read is not explained. Two stop at once."""
+    _, checkpoint = save_test_vit()
+    import vitexplain.pipeline as pipeline
+    from vitexplain.explainers import Explainer
+
+    original_make_loader, original_explain = pipeline.make_loader, Explainer.explain
+    signals_while_reading: dict[int, int] = {}
+    signals_while_explaining: dict[int, int] = {}
+
+    def loader(*a, **k):
+        for index, batch in enumerate(original_make_loader(*a, **k)):
+            for _ in range(signals_while_reading.get(index, 0)):
+                signal.raise_signal(signal.SIGINT)
+            yield batch
+
+    def explain(self, images, *args, **kwargs):
+        explained.append(len(images))
+        for _ in range(signals_while_explaining.get(len(explained) - 1, 0)):
+            signal.raise_signal(signal.SIGINT)
+        return original_explain(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "make_loader", loader)
+    monkeypatch.setattr(Explainer, "explain", explain)
+    # (SIGINTs while reading, SIGINTs while explaining, batches whose explanation began, outputs recorded)
+    cases = [({3: 1}, {}, 3, 3), ({}, {3: 1}, 4, 4), ({3: 2}, {}, 3, 3), ({}, {3: 2}, 4, 3)]
+    for run, (reading, explaining, begun, recorded) in enumerate(cases):
+        signals_while_reading.clear(), signals_while_reading.update(reading)
+        signals_while_explaining.clear(), signals_while_explaining.update(explaining)
+        explained: list[int] = []
+        handler_before = signal.getsignal(signal.SIGINT)
+        out = tmp_path / f"out{run}"
+        result = invoke("rollout", twelve_images, "--model", "test_vit", "--checkpoint", checkpoint, "-o", out,
+                        "-b", "1")
+        assert result.exit_code == 130, (run, result.output)
+        assert len(manifest(out)) == recorded and len(list(out.glob("*.png"))) == recorded, run
+        assert len(explained) == begun, run  # a second SIGINT stops even the batch being explained
+        assert result.output.count("stopping after this batch (Ctrl-C again to stop now)") == 1, run
+        assert f"interrupted: {recorded} images → {recorded} outputs" in result.output, run
+        assert signal.getsignal(signal.SIGINT) is handler_before  # restored
+
+
+def test_stop_requests_outside_the_main_thread_install_nothing():
+    from vitexplain.interrupts import StopRequests
+
+    handler_before, seen = signal.getsignal(signal.SIGINT), []
+
+    def in_thread():
+        with StopRequests() as stop:
+            seen.append((signal.getsignal(signal.SIGINT), stop.requested))
+
+    worker = threading.Thread(target=in_thread)
+    worker.start(), worker.join()
+    assert seen == [(handler_before, False)]
+
+
+def test_loader_workers_ignore_sigint(twelve_images):
+    """A terminal's Ctrl-C reaches the workers too: they go on, and leave stopping to the main process."""
+    from vitexplain.models import Preprocessing
+
+    paths = sorted(twelve_images.iterdir())
+    prep = Preprocessing(size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    batches = iter(data.make_loader(paths, prep, 2, 2, False))
+    read = list(next(batches).paths)
+    for worker in batches._workers:
+        os.kill(worker.pid, signal.SIGINT)
+    time.sleep(0.5)
+    read += [path for batch in batches for path in batch.paths]
+    assert read == paths
+
+
+@pytest.mark.parametrize("whole_group", [False, True], ids=["main-process", "process-group-like-a-terminal"])
+def test_real_ctrl_c_in_a_subprocess_then_rerun_finishes(tmp_path, twelve_images, save_test_vit, whole_group):
     _, checkpoint = save_test_vit()
     out = tmp_path / "out"
     command = [sys.executable, "-m", "vitexplain", "rollout", str(twelve_images), "--model", "test_vit",
                "--checkpoint", str(checkpoint), "-o", str(out), "-b", "1", "--num-workers", "2"]
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment,
+                               start_new_session=whole_group)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
         if (out / "manifest.jsonl").is_file() and len((out / "manifest.jsonl").read_text().splitlines()) >= 2:
-            process.send_signal(signal.SIGINT)
+            if whole_group:
+                os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: workers get it too
+            else:
+                process.send_signal(signal.SIGINT)
             break
         time.sleep(0.02)
     _, stderr = process.communicate(timeout=120)
-    if process.returncode == 0:
+    if "done:" in stderr:
         pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 130, stderr
     assert "interrupted:" in stderr and "Traceback" not in stderr

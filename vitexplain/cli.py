@@ -212,6 +212,7 @@ def explain_with_progress(line: CommandLine, ready: Prepared, writer: OutputWrit
                 replace(line.render, stretch=stretch), line.batch_size,
                 default_workers(ready.device) if line.num_workers is None else line.num_workers, ready.device,
                 on_images=lambda n: progress.advance(task, n), on_failure=report_failure, timer=timer,
+                on_stop_request=lambda: console.print("stopping after this batch (Ctrl-C again to stop now)"),
             )
     finally:
         signal.signal(signal.SIGTERM, previous_handler)

@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from .allocator import PeriodicTrim
+from .interrupts import ignore_interrupts
 from .models import Preprocessing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -258,7 +259,7 @@ class CollateBatch:
 
 
 def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
-    """An ordered DataLoader of :class:`Batch` over ``paths``."""
+    """An ordered DataLoader of :class:`Batch` over ``paths``; its workers ignore Ctrl-C (see :mod:`.interrupts`)."""
     return DataLoader(
         ImageDataset(paths, prep),
         batch_size=batch_size,
@@ -267,4 +268,5 @@ def make_loader(paths: Sequence[Path], prep: Preprocessing, batch_size: int, num
         collate_fn=CollateBatch(paths, prep),
         pin_memory=pin_memory,
         persistent_workers=False,
+        worker_init_fn=ignore_interrupts,
     )

@@ -15,6 +15,7 @@ import torch
 from .allocator import PeriodicTrim, trim_heap
 from .data import Batch, Failure, make_loader
 from .explainers import EXPLAINERS, Explainer
+from .interrupts import StopRequests
 from .models import Preprocessing
 from .profiling import StageTimer, no_timer
 from .gif import encode_gif
@@ -224,12 +225,14 @@ def explain_paths(
     on_images: Callable[[int], None] = lambda n: None,
     on_failure: Callable[[Failure], None] = lambda failure: None,
     timer: StageTimer | None = None,
+    on_stop_request: Callable[[], None] = lambda: None,
 ) -> RunSummary:
     """Explain every image in ``paths``; write one output per image and target (a sweep's: one per ratio set).
 
     Images that cannot be decoded are reported through ``on_failure`` and recorded in the manifest;
-    the rest go on. On ``KeyboardInterrupt`` (Ctrl-C) the outputs already computed are finished and
-    recorded, and the summary says ``interrupted``: rerunning the same command does the rest.
+    the rest go on. Ctrl-C stops the run before the next batch (a second one at once; see
+    :mod:`vitexplain.interrupts`, ``on_stop_request`` is told of the first): the outputs already computed
+    are finished and recorded, and the summary says ``interrupted``: rerunning the same command does the rest.
     With a ``timer``, wall time is summed per stage (see :mod:`vitexplain.profiling`).
     """
     summary = RunSummary()
@@ -241,17 +244,20 @@ def explain_paths(
     trim_heap()  # before the loader forks its workers: see allocator.trim_heap
     batches = timed_batches(make_loader(paths, prep, batch_size, num_workers, device.type == "cuda"), timer)
     try:
-        for batch in batches:
-            for failure in batch.failures:
-                writer.record_failure(failure.path, failure.reason, request.key)
-                summary.failures.append(failure)
-                on_failure(failure)
-            if batch.paths:
-                submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
-            summary.records.extend(map(writer.append_manifest, background.completed()))
-            trim()
-            summary.images += len(batch.paths) + len(batch.failures)
-            on_images(len(batch.paths) + len(batch.failures))
+        with StopRequests(on_stop_request) as stop:
+            for batch in batches:
+                stop.raise_if_requested()
+                for failure in batch.failures:
+                    writer.record_failure(failure.path, failure.reason, request.key)
+                    summary.failures.append(failure)
+                    on_failure(failure)
+                if batch.paths:
+                    submit_outputs(explainer, batch, device, class_names, request, writer, render, background)
+                summary.records.extend(map(writer.append_manifest, background.completed()))
+                trim()
+                summary.images += len(batch.paths) + len(batch.failures)
+                on_images(len(batch.paths) + len(batch.failures))
+                stop.raise_if_requested()
     except KeyboardInterrupt:
         summary.interrupted = True
     finally:
