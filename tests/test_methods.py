@@ -201,14 +201,21 @@ def test_unknown_fusion_is_rejected():
 
 @pytest.mark.parametrize("ratios", [(0.0, 0.1, 0.35, 0.5, 0.8, 0.95, 0.99), (0.0,), (0.5,), (0.95,)])
 @pytest.mark.parametrize("protected", [(), (0,), (0, 1)])
-def test_compiled_kernel_equals_torch_rollout_including_ties(protected, ratios):
-    """Several ratios (one sort per layer) and single ratios (a selection), ties and protected entries included."""
+@pytest.mark.parametrize("sparse_readout", [False, True], ids=["dense-readout", "readout-with-zeros"])
+def test_compiled_kernel_equals_torch_rollout_including_ties(protected, ratios, sparse_readout):
+    """Several ratios (one sort per layer) and single ratios (a selection), ties and protected entries included;
+    readouts with zeros (rows the kernel skips, unless ties are still to be dropped in row order) too."""
     generator = torch.Generator().manual_seed(7)
     layout = TokenLayout(num_prefix_tokens=2, grid=(3, 3), protected_tokens=protected)
     fused = [random_attention(3, 1, 11, generator)[:, 0].float() for _ in range(4)]
     fused[1] = torch.round(fused[1] * 8) / 8  # heavy ties at every threshold
     fused[2][0, 0, 0] = fused[2][0].min()  # a protected entry that would otherwise be discarded
     readout = torch.softmax(torch.randn(3, 11, generator=generator), dim=-1)
+    if sparse_readout:  # the last layer (rolled first) with ties in rows whose readout weight is 0
+        fused[3] = torch.round(fused[3] * 8) / 8
+        readout[0] = torch.nn.functional.one_hot(torch.tensor(0), 11).float()  # token pooling
+        readout[1, ::2] = 0.0
+        readout[2, :5] = 0.0
     torch.testing.assert_close(rollout_masks(fused, readout, layout, ratios),
                                rollout_masks_torch(fused, readout, layout, ratios), rtol=1e-5, atol=1e-6)
 

@@ -13,8 +13,10 @@ import pytest
 from PIL import Image
 
 from vitexplain.data import load_rgb
+from vitexplain.bits import SLACK, write_bits, written
 from vitexplain.png import (
-    MAX_CODE_BITS, canonical_codes, deflate_literals, encode_png, huffman_lengths, paeth_rows)
+    MAX_CODE_BITS, canonical_codes, deflate_literals, encode_png, huffman_lengths, pair_code_table, paeth_rows,
+    write_pairs)
 from vitexplain.render import overlay
 
 RNG = np.random.default_rng(0)
@@ -141,6 +143,41 @@ def test_streams_of_every_short_length_end_cleanly():
     for length in range(1, 81):
         stream = deflate_literals(data[:length]).tobytes() + zlib.adler32(data[:length]).to_bytes(4, "big")
         assert zlib.decompress(stream) == data[:length].tobytes()
+
+
+def least_significant_first(values, widths) -> str:
+    """The bit string DEFLATE stores for ``values`` of ``widths`` bits, first bit first."""
+    return "".join(format(int(value), f"0{int(width)}b")[::-1] if width else "" for value, width in zip(values, widths))
+
+
+def test_pair_codes_are_the_two_codes_one_after_the_other():
+    counts = RNG.geometric(0.02, 256)
+    lengths = huffman_lengths(counts, MAX_CODE_BITS)
+    codes = canonical_codes(lengths)
+    pair_codes, pair_lengths = pair_code_table(codes, lengths)
+    for first, second in [(0, 0), (255, 255), (3, 200)] + [tuple(RNG.integers(0, 256, 2)) for _ in range(300)]:
+        pair = first | second << 8
+        assert least_significant_first([pair_codes[pair]], [pair_lengths[pair]]) == least_significant_first(
+            [codes[first], codes[second]], [lengths[first], lengths[second]])
+
+
+@pytest.mark.parametrize("pending", [0, 1, 7, 8, 31])
+def test_written_pairs_are_every_code_in_order_after_the_pending_bits(pending):
+    """Odd and even lengths (an odd last byte is left to the caller), every count of bits already held."""
+    counts = RNG.geometric(0.05, 256)
+    lengths = huffman_lengths(counts, MAX_CODE_BITS)
+    codes = canonical_codes(lengths)
+    held = int(RNG.integers(0, 1 << pending)) if pending else 0
+    for size in (0, 1, 2, 3, 64, 1001):
+        data = RNG.integers(0, 256, size, dtype=np.uint8)
+        out = np.zeros(2 * size + 8 + SLACK, dtype=np.uint8)
+        position, bits, count = write_pairs(out, 0, held, pending, data, *pair_code_table(codes, lengths))
+        assert count < 32 and position % 4 == 0
+        stream = written(out, *write_bits(out, position, bits, count, 0, 0)).tobytes()  # drained as deflate_literals does
+        bit_string = "".join(format(byte, "08b")[::-1] for byte in stream)
+        whole = data[: size - size % 2]
+        expected = least_significant_first([held], [pending]) + least_significant_first(codes[whole], lengths[whole])
+        assert bit_string.rstrip("0") == expected.rstrip("0") and len(bit_string) - len(expected) in range(8)
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (4, 4, 4), (0, 3, 3)])

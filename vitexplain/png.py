@@ -5,10 +5,12 @@ of the filtered rows), IEND. Every row is stored with PNG's Paeth filter (type 4
 prediction from the left, upper and upper-left bytes, modulo 256. On photographs and heatmap overlays
 that leaves small residuals whose byte entropy is about half of the raw data's, and one dynamic Huffman
 code over the residuals (RFC 1951 block type 2, literals only, no string matching) makes files 7–13%
-smaller than Pillow's at zlib level 1. Written here, like :mod:`vitexplain.gif`, so that the whole file is
-coded without holding the GIL (numba, ``nogil``), ~7× faster than Pillow's PNG encoder at zlib level 1 and
-~4× faster than at level 0 (no compression): Pillow tries all five filters on every row before zlib runs.
-Decoders agree exactly (tested against Pillow's and imageio's readers).
+smaller than Pillow's at zlib level 1. The codes are written a byte pair at a time, from a table of all
+65,536 pairs' codes, without a branch (:func:`write_pairs`). Written here, like :mod:`vitexplain.gif`, so
+that the whole file is coded without holding the GIL (numba, ``nogil``): ~14× faster than Pillow's PNG
+encoder at zlib level 1 and ~7× faster than at level 0 (no compression; Pillow tries all five filters on
+every row before zlib runs) — 1.1 ms for a 0.23-megapixel overlay, of which coding takes 0.3. Decoders
+agree exactly (tested against Pillow's and imageio's readers).
 """
 from __future__ import annotations
 
@@ -137,6 +139,41 @@ def canonical_codes(lengths):
 
 
 @numba.njit(nogil=True, cache=True)
+def pair_code_table(codes, lengths):
+    """The code of every byte pair ``first | second << 8``: ``first``'s code then ``second``'s, as one
+    bit string of up to 2 × 15 bits (``(65536,)`` codes and lengths)."""
+    pair_codes = np.empty(65536, dtype=np.uint32)  # small types: the tables stay in the L2 cache
+    pair_lengths = np.empty(65536, dtype=np.uint8)
+    for second in range(256):  # the inner loop over ``first`` runs over consecutive entries
+        for first in range(256):
+            pair_codes[(second << 8) + first] = codes[first] | (codes[second] << lengths[first])
+            pair_lengths[(second << 8) + first] = lengths[first] + lengths[second]
+    return pair_codes, pair_lengths
+
+
+@numba.njit(nogil=True, cache=True)
+def write_pairs(out, position, bits, count, data, pair_codes, pair_lengths):
+    """Append the codes of ``data``'s whole byte pairs to the ``count`` (< 32) bits held in ``bits``, as
+    :func:`vitexplain.bits.write_bits` does: whole 32-bit words go to ``out``, ``count`` stays < 32. One table
+    lookup per two bytes and no branch (four bytes are always stored, the position moves by 0 or 4): the
+    bit count is the only chain from one step to the next."""
+    held, pending, at = np.uint64(bits), np.uint64(count), np.uint64(position)  # unsigned: no negative-index checks
+    for index in range(data.size // 2):
+        pair = np.uint64(data[2 * index]) | (np.uint64(data[2 * index + 1]) << np.uint64(8))
+        held |= np.uint64(pair_codes[pair]) << pending  # pending ≤ 31 and codes ≤ 30 bits: fits in 64
+        pending += np.uint64(pair_lengths[pair])
+        out[at] = held & np.uint64(0xFF)
+        out[at + np.uint64(1)] = (held >> np.uint64(8)) & np.uint64(0xFF)
+        out[at + np.uint64(2)] = (held >> np.uint64(16)) & np.uint64(0xFF)
+        out[at + np.uint64(3)] = (held >> np.uint64(24)) & np.uint64(0xFF)
+        whole = pending >> np.uint64(5)
+        at += whole << np.uint64(2)
+        held >>= whole << np.uint64(5)
+        pending &= np.uint64(31)
+    return np.int64(at), np.int64(held), np.int64(pending)
+
+
+@numba.njit(nogil=True, cache=True)
 def deflate_literals(data):
     """A zlib stream (RFC 1950) of ``data`` (uint8) without its closing checksum: one final DEFLATE block
     with a dynamic Huffman code, every byte a literal."""
@@ -163,16 +200,12 @@ def deflate_literals(data):
         position, bits, count = write_bits(out, position, bits, count, length_lengths[LENGTH_CODE_ORDER[index]], 3)
     for length in sent:
         position, bits, count = write_bits(out, position, bits, count, length_codes[length], length_lengths[length])
-    for byte in data:  # the bulk: whole 32-bit words to ``out``
-        bits |= codes[byte] << count
-        count += lengths[byte]
-        if count >= 32:
-            out[position], out[position + 1], out[position + 2], out[position + 3] = (
-                bits & 0xFF, (bits >> 8) & 0xFF, (bits >> 16) & 0xFF, (bits >> 24) & 0xFF)
-            position += 4
-            bits >>= 32
-            count -= 32
+    pair_codes, pair_lengths = pair_code_table(codes, lengths)
+    position, bits, count = write_pairs(out, position, bits, count, data, pair_codes, pair_lengths)
     position, bits, count = write_bits(out, position, bits, count, 0, 0)  # count < 32: its whole bytes out, < 8 left
+    if data.size % 2:
+        last = data[data.size - 1]
+        position, bits, count = write_bits(out, position, bits, count, codes[last], lengths[last])
     position, bits, count = write_bits(out, position, bits, count, codes[END_OF_BLOCK], lengths[END_OF_BLOCK])
     return written(out, position, bits, count)
 

@@ -143,18 +143,48 @@ def _kept_row(row, t, i, protected, ties_to_drop, kept):
 
 
 @numba.njit(cache=True, fastmath=FAST)
+def _kept_sum(row, t):
+    """Sum of the row's entries above ``t`` and how many equal it."""
+    total, ties = np.float32(0.0), 0
+    for j in range(row.shape[0]):
+        x = row[j]
+        total += x if x > t else np.float32(0.0)
+        ties += x == t
+    return total, ties
+
+
+@numba.njit(cache=True, fastmath=FAST)
 def _roll_layer(matrix, t, ties_dropped, protected, v):
-    """One rollout step ``vᵀ Â`` through a layer's ``(N, N)`` map with threshold ``t``."""
+    """One rollout step ``vᵀ Â`` through a layer's ``(N, N)`` map with threshold ``t``. A row without an
+    entry equal to ``t`` (almost all) takes two passes and no buffer: its kept sum, then its share of ``vᵀ Â``
+    with the entries above ``t`` selected again; a row with ties writes its kept entries out first. Rows
+    whose ``v_i`` is 0 are skipped (once no tie is left to be dropped: ties are dropped in row order)."""
     n = v.shape[0]
     kept = np.empty(n, dtype=np.float32)
     new = np.zeros(n, dtype=np.float32)
     room = ties_dropped
     for i in range(n):
-        room -= _kept_row(matrix[i], t, i, protected, room, kept)
-        u = v[i] / (np.float32(1.0) + kept.sum())
+        row = matrix[i]
+        if v[i] == 0 and (ties_dropped == 0 or room == 0):  # adds nothing (e.g. every row but the class
+            continue                                        # token's in the last layer of a token-pooled model)
+        total, ties = _kept_sum(row, t)
+        saved = protected[i] and row[i] <= t  # CLS→CLS is never discarded (and is no tie)
+        if saved:
+            total += row[i]
+            ties -= row[i] == t
+        if ties:
+            room -= _kept_row(row, t, i, protected, room, kept)
+            u = v[i] / (np.float32(1.0) + kept.sum())
+            for j in range(n):
+                new[j] += u * kept[j]
+        else:
+            u = v[i] / (np.float32(1.0) + total)
+            for j in range(n):
+                x = row[j]
+                new[j] += u * (x if x > t else np.float32(0.0))
+            if saved:
+                new[i] += u * row[i]
         new[i] += u
-        for j in range(n):
-            new[j] += u * kept[j]
     return new
 
 
