@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitexplain.gif import encode_gif, sub_blocks
+from vitexplain.gif import encode_gif, lzw_codes, sub_blocks
 from vitexplain.palette import quantize
 
 RNG = np.random.default_rng(0)
@@ -38,6 +38,21 @@ def test_decoders_give_back_the_quantised_frames(name):
         for index, frame in enumerate(quantised(frames)):
             gif.seek(index)
             np.testing.assert_array_equal(np.asarray(gif.convert("RGB")), frame)
+
+
+def test_two_frames_coded_side_by_side_get_the_streams_each_gets_alone():
+    """Noise (clear codes), runs, a single pixel; equal and unequal lengths, either one the longer."""
+    frames = [RNG.integers(0, 256, 9000, dtype=np.uint8), np.repeat(RNG.integers(0, 3, 300), 25).astype(np.uint8),
+              np.array([7], np.uint8), RNG.integers(0, 8, 9000, dtype=np.uint8)]
+    alone = [lzw_codes(frame, np.empty(0, np.uint8)) for frame in frames]
+    assert all(len(other) == 0 for _, other in alone)
+    for first in frames:
+        for second in frames:
+            together = lzw_codes(first, second)
+            assert together[0].tobytes() == lzw_codes(first, np.empty(0, np.uint8))[0].tobytes()
+            assert together[1].tobytes() == lzw_codes(second, np.empty(0, np.uint8))[0].tobytes()
+    with pytest.raises(ValueError, match="at least one pixel"):
+        lzw_codes(np.empty(0, np.uint8), frames[0])
 
 
 @pytest.mark.parametrize("length", [0, 1, 254, 255, 256, 600])

@@ -19,7 +19,7 @@ import zlib
 import numba
 import numpy as np
 
-from .bits import SLACK, write_bits, written
+from .bits import SLACK, write_bits, write_word_bits, written
 
 SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PAETH = 4
@@ -153,23 +153,14 @@ def pair_code_table(codes, lengths):
 
 @numba.njit(nogil=True, cache=True)
 def write_pairs(out, position, bits, count, data, pair_codes, pair_lengths):
-    """Append the codes of ``data``'s whole byte pairs to the ``count`` (< 32) bits held in ``bits``, as
-    :func:`vitexplain.bits.write_bits` does: whole 32-bit words go to ``out``, ``count`` stays < 32. One table
-    lookup per two bytes and no branch (four bytes are always stored, the position moves by 0 or 4): the
-    bit count is the only chain from one step to the next."""
+    """Append the codes of ``data``'s whole byte pairs to the ``count`` (< 32) bits held in ``bits``
+    (:func:`vitexplain.bits.write_word_bits`): one table lookup per two bytes and no branch, so the bit
+    count is the only chain from one step to the next."""
     held, pending, at = np.uint64(bits), np.uint64(count), np.uint64(position)  # unsigned: no negative-index checks
     for index in range(data.size // 2):
         pair = np.uint64(data[2 * index]) | (np.uint64(data[2 * index + 1]) << np.uint64(8))
-        held |= np.uint64(pair_codes[pair]) << pending  # pending ≤ 31 and codes ≤ 30 bits: fits in 64
-        pending += np.uint64(pair_lengths[pair])
-        out[at] = held & np.uint64(0xFF)
-        out[at + np.uint64(1)] = (held >> np.uint64(8)) & np.uint64(0xFF)
-        out[at + np.uint64(2)] = (held >> np.uint64(16)) & np.uint64(0xFF)
-        out[at + np.uint64(3)] = (held >> np.uint64(24)) & np.uint64(0xFF)
-        whole = pending >> np.uint64(5)
-        at += whole << np.uint64(2)
-        held >>= whole << np.uint64(5)
-        pending &= np.uint64(31)
+        at, held, pending = write_word_bits(out, at, held, pending, np.uint64(pair_codes[pair]),
+                                            np.uint64(pair_lengths[pair]))  # ≤ 31 + 30 bits: fits in 64
     return np.int64(at), np.int64(held), np.int64(pending)
 
 
