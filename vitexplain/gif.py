@@ -130,7 +130,7 @@ def lzw_codes(pixels, other):
     longer matches (streams ~8% longer than with every string kept). In exchange every pixel costs the
     same few operations with no branch on the match (2.3× faster than a probed hash table). Each pixel's
     steps depend on the previous pixel's dictionary lookup; two frames coded in one loop give the core two
-    independent chains to overlap, and the codes are packed into bits afterwards (together 3.5 → 2.7 ms for
+    independent chains to overlap, and the codes are packed into bits afterwards (together 3.5 → 2.6 ms for
     a 20-frame sweep of 256×171 frames)."""
     if pixels.size == 0:
         raise ValueError("a GIF frame has at least one pixel")

@@ -170,8 +170,8 @@ def _roll_layer(matrix, t, ties_dropped, protected, v):
     room = ties_dropped
     for i in range(n):
         row = matrix[i]
-        if v[i] == 0 and (ties_dropped == 0 or room == 0):  # adds nothing (e.g. every row but the class
-            continue                                        # token's in the last layer of a token-pooled model)
+        if v[i] == 0 and room == 0:  # adds nothing (e.g. every row but the class token's in the last layer
+            continue                 # of a token-pooled model)
         total, ties = _kept_sum(row, t)
         saved = protected[i] and row[i] <= t  # CLS→CLS is never discarded (and is no tie)
         if saved:
