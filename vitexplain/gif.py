@@ -51,15 +51,16 @@ def _widened(last, width, overflow):
 
 @numba.njit(nogil=True, cache=True)
 def _clear(table, codes, widths, k, width):
-    """Emit a clear code and empty the dictionary (the 4,096 codes ran out); returns ``k``."""
+    """Emit a clear code (at the start, and when the 4,096 codes ran out) and empty the dictionary; returns
+    the stream's fresh state ``k, width, last, overflow``."""
     codes[k], widths[k] = CLEAR, width
     table[:] = EMPTY
-    return k + 1
+    return k + 1, FIRST_WIDTH, END, FIRST_OVERFLOW
 
 
 @numba.njit(nogil=True, cache=True)
 def _code_buffers(pixels):
-    """Codes, widths and an empty dictionary for one stream, the first clear code in place."""
+    """Codes, widths and an empty dictionary for one stream, the first clear code in place, and its state."""
     room = pixels.size + pixels.size // 2048 + 8  # a code per pixel at most, clear codes, last and end
     codes, widths = np.empty(room, np.uint16), np.empty(room, np.uint8)
     table = np.empty(1 << SLOT_BITS, dtype=np.uint32)
@@ -80,12 +81,10 @@ def _codes_of(pixels, other):
     """Codes and widths of :func:`lzw_codes` for ``pixels`` and ``other`` side by side (``other`` may be
     empty). The two streams' steps are written out one after the other: compiled helpers taking arrays
     cost a reference count per call unless they are branch-free."""
-    codes_a, widths_a, table_a, k_a = _code_buffers(pixels)
-    codes_b, widths_b, table_b, k_b = _code_buffers(other)
+    codes_a, widths_a, table_a, (k_a, width_a, last_a, overflow_a) = _code_buffers(pixels)
+    codes_b, widths_b, table_b, (k_b, width_b, last_b, overflow_b) = _code_buffers(other)
     size_a, size_b = pixels.size, other.size
     code_a, code_b = np.int64(pixels[0]), np.int64(other[0]) if size_b else np.int64(0)
-    width_a, last_a, overflow_a = FIRST_WIDTH, END, FIRST_OVERFLOW
-    width_b, last_b, overflow_b = FIRST_WIDTH, END, FIRST_OVERFLOW
     for index in range(1, max(size_a, size_b)):
         if index < size_a:
             code_a, k_a, new = _dictionary_step(np.int64(pixels[index]), code_a, table_a, codes_a, widths_a,
@@ -93,16 +92,14 @@ def _codes_of(pixels, other):
             last_a += new
             width_a, overflow_a = _widened(last_a, width_a, overflow_a)
             if last_a == MAX_CODE:
-                k_a = _clear(table_a, codes_a, widths_a, k_a, width_a)
-                width_a, last_a, overflow_a = FIRST_WIDTH, END, FIRST_OVERFLOW
+                k_a, width_a, last_a, overflow_a = _clear(table_a, codes_a, widths_a, k_a, width_a)
         if index < size_b:
             code_b, k_b, new = _dictionary_step(np.int64(other[index]), code_b, table_b, codes_b, widths_b,
                                                 k_b, width_b, last_b)
             last_b += new
             width_b, overflow_b = _widened(last_b, width_b, overflow_b)
             if last_b == MAX_CODE:
-                k_b = _clear(table_b, codes_b, widths_b, k_b, width_b)
-                width_b, last_b, overflow_b = FIRST_WIDTH, END, FIRST_OVERFLOW
+                k_b, width_b, last_b, overflow_b = _clear(table_b, codes_b, widths_b, k_b, width_b)
     return (_ended(codes_a, widths_a, k_a, code_a, width_a, last_a, overflow_a)
             + _ended(codes_b, widths_b, k_b, code_b, width_b, last_b, overflow_b))
 
