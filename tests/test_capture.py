@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitexplain import AttentionRollout, GradientRollout, capture_attention, load_model, preprocessing_for
-from vitexplain.capture import attention_modules
+from vitexplain.capture import attention_modules, explicit_attention
 
 # (model name, create_model kwargs, prefix tokens, grid, protected readout tokens)
 ARCHITECTURES = [
@@ -50,7 +50,20 @@ def test_capture_leaves_logits_unchanged(architecture):
     finally:
         for m in modules:
             m.fused_attn = True
-    assert torch.equal(captured.logits, explicit_logits)  # the recording hooks change nothing
+    # the same arithmetic but for the last block's MLP, which runs on fewer rows: a few ulps at most
+    torch.testing.assert_close(captured.logits, explicit_logits, rtol=1e-6, atol=1e-6)
+
+
+def test_last_block_updates_only_the_tokens_the_head_reads(architecture):
+    model, prefix, grid, protected = architecture
+    lengths = []
+    hook = model.norm.register_forward_pre_hook(lambda _m, args: lengths.append(args[0].shape[1]))
+    try:
+        capture_attention(model, images_for(model))
+    finally:
+        hook.remove()
+    assert lengths == [prefix if protected else prefix + grid[0] * grid[1]]  # token pooling: the prefix only
+    assert "forward" not in vars(model.blocks[-1])  # the block's own forward is back
 
 
 def test_layout_and_readout(architecture):
@@ -144,6 +157,19 @@ def test_gradients_arrive_in_layer_order_and_match_finite_differences():
     assert numeric == pytest.approx(analytic, rel=1e-5, abs=1e-9)
     assert len(set(round(a, 12) for a in analytic)) == len(analytic)  # layers distinguishable: order is checked
     assert all(float(g[0].abs().sum()) > 0 for g in gradients)
+
+
+def test_gradients_equal_those_through_the_whole_last_block():
+    model = load_model("deit_tiny_distilled_patch16_224", pretrained=False).double()
+    images = images_for(model).double()
+    target = torch.tensor([3, 1])
+    shortened = capture_attention(model, images, with_grad=True).gradients(target)
+    with torch.enable_grad(), explicit_attention(model) as attentions:
+        logits = model(images)
+    full = torch.autograd.grad(logits.gather(1, target.view(-1, 1)).sum(), attentions)
+    for ours, reference in zip(shortened, full):
+        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-13)
+    assert shortened[-1][:, :, 2:].abs().sum() == 0  # patch-token rows of the last layer reach no logit
 
 
 def test_gradient_rollout_defaults_to_top1_and_honours_targets():

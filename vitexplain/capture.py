@@ -10,6 +10,10 @@ paths compute the same function; logits agree to float rounding (tested).
 Gradients are taken with ``torch.autograd.grad`` with respect to the recorded
 tensors themselves, so they come back in layer order (module backward hooks
 would deliver them last layer first).
+
+When the classifier reads the prefix tokens only (token pooling), the last block
+updates only those: its attention is still computed, and recorded, over all
+tokens, but its MLP skips the patch tokens, whose outputs nothing reads.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from .methods.base import TokenLayout
@@ -69,6 +74,34 @@ def explicit_attention(model: nn.Module, reduce: Callable[[Tensor], Tensor] | No
         for module, fused in zip(modules, saved):
             if fused is not None:
                 module.fused_attn = fused
+
+
+@contextmanager
+def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[None]:
+    """Within the context, the last block returns only the prefix tokens, if the head reads nothing else.
+
+    With token pooling the logits depend on the last block's output ``x'[:, :p]`` alone
+    (``p`` prefix tokens). timm's ``Block`` computes ``x' = x + a(x)`` then
+    ``x' + mlp(x')`` token by token after attention, so
+    ``x'[:, :p] = x[:, :p] + a(x)[:, :p]`` and the MLP needs only those rows: the
+    logits are the same and the work saved is the MLP of all patch tokens of one block.
+    Other block types and heads (average, attention pool) are left as they are.
+    """
+    block = model.blocks[-1]
+    applies = bool(layout.protected_tokens) and type(block) is Block
+    if applies:
+        keep = layout.num_prefix_tokens
+
+        def forward(x: Tensor, **kwargs) -> Tensor:
+            x = x[:, :keep] + block.drop_path1(block.ls1(block.attn(block.norm1(x), **kwargs)))[:, :keep]
+            return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+        block.forward = forward
+    try:
+        yield
+    finally:
+        if applies:
+            del block.forward
 
 
 @contextmanager
@@ -149,7 +182,8 @@ def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
     """
     layout = token_layout(model, tuple(images.shape[-2:]))
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
-    with grad_mode, explicit_attention(model, reduce) as attentions, pool_input(model) as pooled:
+    with grad_mode, explicit_attention(model, reduce) as attentions, pool_input(model) as pooled, \
+            prefix_only_last_block(model, layout):
         logits = model(images)
     if len(attentions) != len(model.blocks):
         raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
