@@ -244,12 +244,12 @@ def test_radix_selection_equals_sorting_on_awkward_values(protected):
     largest = n * n - len(protected)
     negatives = int((signed < 0).sum())  # ranks negatives + 1 … + 3 are the three zeros, whatever their sign
     is_protected = np.isin(np.arange(n), protected)
-    keys = np.empty(n * n, dtype=np.uint32)
+    keys, lanes = np.empty(n * n, dtype=np.uint32), np.empty((4, 4096), dtype=np.int32)
     for k in (1, 2, 17, negatives + 1, negatives + 2, negatives + 3, largest - 1, largest):
         several = layer_thresholds(maps, np.array([k, 0, largest]), protected)  # one sort for every count
         for b in range(2):
             for layer in range(len(maps)):
                 expected = reference_thresholds(maps[layer][b], k, protected)
-                assert select_threshold(maps[layer][b], is_protected, k, keys) == expected  # one count: radix selection
+                assert select_threshold(maps[layer][b], is_protected, k, keys, lanes) == expected  # one count: radix selection
                 assert (several[0][b, layer, 0], several[1][b, layer, 0]) == expected
                 assert (several[0][b, layer, 1], several[1][b, layer, 1]) == (-np.inf, 0)

@@ -14,7 +14,9 @@ agree exactly (tested against Pillow's and imageio's readers).
 """
 from __future__ import annotations
 
+import io
 import zlib
+from typing import BinaryIO
 
 import numba
 import numpy as np
@@ -211,12 +213,24 @@ def rgb_header(width: int, height: int) -> bytes:
     return width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG file content of an ``(H, W, 3)`` uint8 RGB picture (Paeth-filtered rows, Huffman-coded)."""
+def write_png(file: BinaryIO, image: np.ndarray) -> None:
+    """Write the PNG file of an ``(H, W, 3)`` uint8 RGB picture (Paeth-filtered rows, Huffman-coded) to
+    ``file``. The coded rows go out straight from the coder's buffer, never copied into one ``bytes``."""
     image = np.ascontiguousarray(image, dtype=np.uint8)
     if image.ndim != 3 or image.shape[2] != 3 or 0 in image.shape:
         raise ValueError(f"expected a non-empty (H, W, 3) RGB picture, got shape {image.shape}")
     height, width = image.shape[:2]
     rows = paeth_rows(image).reshape(-1)
-    stream = deflate_literals(rows).tobytes() + zlib.adler32(rows).to_bytes(4, "big")
-    return SIGNATURE + chunk(b"IHDR", rgb_header(width, height)) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
+    stream = deflate_literals(rows)
+    checksum = zlib.adler32(rows).to_bytes(4, "big")  # the zlib stream's closing Adler-32
+    crc = zlib.crc32(checksum, zlib.crc32(stream, zlib.crc32(b"IDAT")))
+    file.write(SIGNATURE + chunk(b"IHDR", rgb_header(width, height)) + (stream.size + 4).to_bytes(4, "big") + b"IDAT")
+    file.write(stream)
+    file.write(checksum + crc.to_bytes(4, "big") + chunk(b"IEND", b""))
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """:func:`write_png`'s file content as ``bytes``."""
+    buffer = io.BytesIO()
+    write_png(buffer, image)
+    return buffer.getvalue()

@@ -12,7 +12,7 @@ from typing import Any, BinaryIO, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .png import encode_png
+from .png import write_png
 
 MANIFEST_NAME = "manifest.jsonl"
 _UMASK = os.umask(0)
@@ -65,7 +65,7 @@ def encoded_image(image: np.ndarray, image_format: str = "png") -> Callable[[Bin
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"unknown image format {image_format!r}; choose one of {', '.join(IMAGE_FORMATS)}")
     if image_format == "png":
-        return lambda file: file.write(encode_png(image))
+        return lambda file: write_png(file, image)
     return lambda file: Image.fromarray(image).save(file, format="JPEG", quality=90)
 
 

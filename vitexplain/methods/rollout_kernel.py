@@ -75,10 +75,11 @@ def _from_key(key):
 
 
 @numba.njit(cache=True)
-def select_threshold(matrix, protected, k, keys):
+def select_threshold(matrix, protected, k, keys, lanes):
     """The k-th smallest (k ≥ 1) entry ``t`` of a float32 ``(N, N)`` map, protected diagonal entries
     ranking as +inf, and how many of the ties equal to ``t`` are discarded (``k`` minus the entries
-    below ``t``). ``keys`` is scratch space for ``N²`` uint32.
+    below ``t``). ``keys`` (``N²`` uint32) and ``lanes`` (``(4, 4096)`` int32) are scratch space, reused
+    from layer to layer.
 
     Radix selection on order keys, digits of 12, 12 and 8 bits: each pass histograms the remaining
     candidates, finds the digit that holds rank k and keeps only the candidates with that digit. The
@@ -92,7 +93,7 @@ def select_threshold(matrix, protected, k, keys):
     for p in range(n):
         if protected[p]:
             keys[p * n + p] = INF_KEY
-    lanes = np.zeros((4, 1 << 12), dtype=np.int32)
+    lanes[:] = 0
     whole = total - total % 4
     for index in range(0, whole, 4):
         lanes[0, keys[index] >> 20] += 1
@@ -101,12 +102,14 @@ def select_threshold(matrix, protected, k, keys):
         lanes[3, keys[index + 3] >> 20] += 1
     for index in range(whole, total):
         lanes[0, keys[index] >> 20] += 1
-    histogram = lanes.sum(axis=0).astype(np.int32)
+    histogram = lanes[0]
+    for digit in range(1 << 12):
+        histogram[digit] += lanes[1, digit] + lanes[2, digit] + lanes[3, digit]
     below, prefix, remaining = 0, np.uint32(0), total
     for shift, width in ((20, 12), (8, 12), (0, 8)):
         mask = (1 << width) - 1
         if shift != 20:
-            histogram = np.zeros(1 << width, dtype=np.int32)
+            histogram[:1 << width] = 0
             for c in range(remaining):
                 histogram[(keys[c] >> shift) & mask] += 1
         digit = 0
@@ -215,12 +218,12 @@ def _roll_selecting(maps, count, protected, readout):
     batch, _, n = maps[0].shape
     out = np.empty((batch, 1, n), dtype=np.float32)
     for b in numba.prange(batch):
-        keys = np.empty(n * n, dtype=np.uint32)
+        keys, lanes = np.empty(n * n, dtype=np.uint32), np.empty((4, 1 << 12), dtype=np.int32)
         v = readout[b].copy()
         for layer in range(len(maps) - 1, -1, -1):
             t, ties = np.float32(-np.inf), 0
             if count > 0:
-                t, ties = select_threshold(maps[layer][b], protected, count, keys)
+                t, ties = select_threshold(maps[layer][b], protected, count, keys, lanes)
             v = _roll_layer(maps[layer][b], t, ties, protected, v)
         out[b, 0] = v
     return out
