@@ -203,9 +203,23 @@ def deflate_literals(data):
     return written(out, position, bits, count)
 
 
+def write_chunk(file: BinaryIO, kind: bytes, *parts) -> None:
+    """Write a PNG chunk whose data is ``parts`` (bytes-like) one after the other: length, type, data,
+    CRC-32 of type and data. Each part is written as it is, never copied into one ``bytes``."""
+    length, crc = 0, zlib.crc32(kind)
+    for part in parts:
+        length, crc = length + memoryview(part).nbytes, zlib.crc32(part, crc)
+    file.write(length.to_bytes(4, "big") + kind)
+    for part in parts:
+        file.write(part)
+    file.write(crc.to_bytes(4, "big"))
+
+
 def chunk(kind: bytes, data: bytes) -> bytes:
-    """A PNG chunk: length, type, data, CRC-32 of type and data."""
-    return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(data, zlib.crc32(kind)).to_bytes(4, "big")
+    """:func:`write_chunk`'s bytes for one part."""
+    buffer = io.BytesIO()
+    write_chunk(buffer, kind, data)
+    return buffer.getvalue()
 
 
 def rgb_header(width: int, height: int) -> bytes:
@@ -221,12 +235,10 @@ def write_png(file: BinaryIO, image: np.ndarray) -> None:
         raise ValueError(f"expected a non-empty (H, W, 3) RGB picture, got shape {image.shape}")
     height, width = image.shape[:2]
     rows = paeth_rows(image).reshape(-1)
-    stream = deflate_literals(rows)
-    checksum = zlib.adler32(rows).to_bytes(4, "big")  # the zlib stream's closing Adler-32
-    crc = zlib.crc32(checksum, zlib.crc32(stream, zlib.crc32(b"IDAT")))
-    file.write(SIGNATURE + chunk(b"IHDR", rgb_header(width, height)) + (stream.size + 4).to_bytes(4, "big") + b"IDAT")
-    file.write(stream)
-    file.write(checksum + crc.to_bytes(4, "big") + chunk(b"IEND", b""))
+    file.write(SIGNATURE)
+    write_chunk(file, b"IHDR", rgb_header(width, height))
+    write_chunk(file, b"IDAT", deflate_literals(rows), zlib.adler32(rows).to_bytes(4, "big"))  # zlib stream, its Adler-32
+    write_chunk(file, b"IEND")
 
 
 def encode_png(image: np.ndarray) -> bytes:
