@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vitexplain import AttentionRollout, GradientRollout, capture_attention, load_model, preprocessing_for
-from vitexplain.capture import attention_modules, explicit_attention
+from vitexplain.capture import attention_modules, explicit_attention, has_native_kernel
 
 # (model name, create_model kwargs, prefix tokens, grid, protected readout tokens)
 ARCHITECTURES = [
@@ -17,6 +17,8 @@ ARCHITECTURES = [
     ("test_vit3", {}, 1, (10, 10), ()),  # attention-pool ('map') head
     ("test_vit", {"img_size": (96, 64)}, 1, (6, 4), (0,)),  # non-square, non-224
     ("test_vit4", {"img_size": 112}, 1, (7, 7), ()),
+    ("test_vit", {"qkv_bias": False}, 1, (10, 10), (0,)),  # the native kernel with a zero q/k/v bias
+    ("test_vit", {"qk_norm": True}, 1, (10, 10), (0,)),  # q/k norms: timm's explicit path only
 ]
 
 
@@ -52,6 +54,57 @@ def test_capture_leaves_logits_unchanged(architecture):
             m.fused_attn = True
     # the same arithmetic but for the last block's MLP, which runs on fewer rows: a few ulps at most
     torch.testing.assert_close(captured.logits, explicit_logits, rtol=1e-6, atol=1e-6)
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """The ``average_attn_weights`` flag of every call to the native attention kernel."""
+    calls = []
+    kernel = torch._native_multi_head_attention
+
+    def counting(*args):
+        calls.append(args[11])
+        return kernel(*args)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", counting)
+    return calls
+
+
+@pytest.mark.parametrize("fusion", [None, "mean", "max", "min"])
+def test_native_kernel_records_what_timms_explicit_path_records(architecture, fusion, native_calls):
+    model, *_ = architecture
+    images = images_for(model)
+    captured = capture_attention(model, images, fusion=fusion)
+    with torch.enable_grad(), explicit_attention(model, fusion) as expected:  # with gradients: timm's own path
+        model(images)
+    native = [has_native_kernel(m) for m in attention_modules(model)]
+    assert native_calls == [fusion == "mean"] * sum(native)  # the kernel averages heads itself for mean fusion
+    assert all(native) or not any(native)  # every test architecture is one or the other
+    assert all(native) == isinstance(model.blocks[0].attn.q_norm, torch.nn.Identity)
+    for ours, reference in zip(captured.attentions, expected):
+        assert ours.shape == reference.shape == (2, 1 if fusion else model.blocks[0].attn.num_heads, *ours.shape[2:])
+        torch.testing.assert_close(ours, reference.detach(), rtol=1e-5, atol=1e-6)
+    assert all("forward" not in vars(m) for m in attention_modules(model))  # timm's forward is back
+
+
+def test_native_kernel_only_where_it_computes_what_is_asked(native_calls):
+    """Gradients, autocast, training mode and attention masks all take timm's explicit path."""
+    model = load_model("test_vit", pretrained=False)
+    images = images_for(model)
+    capture_attention(model, images, with_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        capture_attention(model, images, fusion="mean")
+    model.train()
+    try:
+        capture_attention(model, images, fusion="mean")
+    finally:
+        model.eval()
+    x = torch.randn(2, 5, model.embed_dim)
+    with torch.no_grad(), explicit_attention(model) as recorded:
+        model.blocks[0].attn(x, attn_mask=torch.zeros(5, 5))
+    assert native_calls == [] and recorded[0].shape == (2, model.blocks[0].attn.num_heads, 5, 5)
+    capture_attention(model, images, fusion="mean")
+    assert native_calls == [True] * len(model.blocks)
 
 
 def test_last_block_updates_only_the_tokens_the_head_reads(architecture):
@@ -147,7 +200,8 @@ def test_gradients_arrive_in_layer_order_and_match_finite_differences():
             return out
         hook = model.blocks[layer].attn.attn_drop.register_forward_hook(perturb)
         try:
-            return float(capture_attention(model, images).logits[1, 1])
+            # with gradients the capture runs timm's explicit path, through attn_drop and this hook
+            return float(capture_attention(model, images, with_grad=True).logits[1, 1].detach())
         finally:
             hook.remove()
 

@@ -7,6 +7,13 @@ attention is switched to timm's explicit path (``fused_attn = False``:
 keeps its output: exactly the matrix the block multiplies with ``v``. Both
 paths compute the same function; logits agree to float rounding (tested).
 
+Without gradients (class-agnostic methods), on CPU and outside autocast, timm's plain
+``Attention`` is recorded through ``torch._native_multi_head_attention`` instead (the
+kernel behind ``nn.MultiheadAttention``): the same arithmetic (outputs bit-identical,
+probabilities equal to float rounding; tested), in one native call that lays out
+``q, k, v`` in one pass and can return the head mean itself, ~1.4 CPU ms per image
+less than timm's explicit path for deit-tiny. Anything else falls back to that path.
+
 Gradients are taken with ``torch.autograd.grad`` with respect to the recorded
 tensors themselves, so they come back in layer order (module backward hooks
 would deliver them last layer first).
@@ -22,10 +29,10 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from timm.models.vision_transformer import Block
+from timm.models.vision_transformer import Attention, Block
 from torch import Tensor, nn
 
-from .methods.base import TokenLayout
+from .methods.base import Fusion, TokenLayout, fuse_heads
 
 
 @dataclass
@@ -55,17 +62,20 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextmanager
-def explicit_attention(model: nn.Module, reduce: Callable[[Tensor], Tensor] | None = None) -> Iterator[list[Tensor]]:
-    """Within the context, each block's attention probabilities (passed through ``reduce``, if given,
-    as they are produced) are appended to the yielded list."""
+def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterator[list[Tensor]]:
+    """Within the context, each block's attention probabilities are appended to the yielded list as they
+    are produced: ``(B, H, N, N)``, or ``(B, 1, N, N)`` fused over heads with ``fusion`` if given."""
     modules = attention_modules(model)
     recorded: list[Tensor] = []
     saved = [getattr(m, "fused_attn", None) for m in modules]
-    keep = reduce or (lambda attention: attention)
+    keep = (lambda attention: fuse_heads(attention.float(), fusion).unsqueeze(1)) if fusion else (lambda attention: attention)
     hooks = [m.attn_drop.register_forward_hook(lambda _m, _i, out: recorded.append(keep(out))) for m in modules]
+    native = [m for m in modules if has_native_kernel(m)]
     for module in modules:
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
+    for module in native:
+        module.forward = native_recording_forward(module, recorded, fusion, keep)
     try:
         yield recorded
     finally:
@@ -74,6 +84,46 @@ def explicit_attention(model: nn.Module, reduce: Callable[[Tensor], Tensor] | No
         for module, fused in zip(modules, saved):
             if fused is not None:
                 module.fused_attn = fused
+        for module in native:
+            del module.forward
+
+
+def has_native_kernel(module: nn.Module) -> bool:
+    """Whether ``module`` is timm's plain ``Attention`` (no q/k or output norm, no gate, ``C = H·d`` in and
+    out, the standard scale), which ``torch._native_multi_head_attention`` computes exactly."""
+    plain = type(module) is Attention and "forward" not in vars(module) and all(isinstance(getattr(module, name, None), nn.Identity)
+                                              for name in ("q_norm", "k_norm", "norm"))
+    return (plain and getattr(module, "gate", None) is None and hasattr(torch, "_native_multi_head_attention")
+            and type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear and module.proj.bias is not None
+            and module.num_heads * module.head_dim == module.qkv.in_features == module.proj.out_features
+            and module.scale == module.head_dim ** -0.5)
+
+
+def native_recording_forward(module: nn.Module, recorded: list[Tensor], fusion: Fusion | None,
+                             keep: Callable[[Tensor], Tensor]) -> Callable[..., Tensor]:
+    """A forward for ``module`` that records its attention through the native kernel when nothing needs
+    more (no gradients, eval mode, CPU, no autocast, no mask); else timm's explicit path, recorded by the hook."""
+    average = fusion == "mean"  # the kernel returns the head mean itself
+
+    def forward(x: Tensor, **kwargs) -> Tensor:
+        if (torch.is_grad_enabled() or module.training or x.device.type != "cpu" or autocast_enabled("cpu")
+                or kwargs.get("attn_mask") is not None or kwargs.get("is_causal")):
+            return type(module).forward(module, x, **kwargs)
+        qkv_bias = module.qkv.bias if module.qkv.bias is not None else x.new_zeros(module.qkv.out_features)
+        out, weights = torch._native_multi_head_attention(
+            x, x, x, x.shape[-1], module.num_heads, module.qkv.weight, qkv_bias, module.proj.weight,
+            module.proj.bias, None, True, average, None)
+        recorded.append(weights.float().unsqueeze(1) if average else keep(weights))
+        return out
+
+    return forward
+
+
+def autocast_enabled(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 @contextmanager
@@ -171,23 +221,23 @@ def latent_pool_attention(pool: nn.Module, tokens: Tensor) -> Tensor:
 
 
 def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
-                      reduce: Callable[[Tensor], Tensor] | None = None) -> Capture:
+                      fusion: Fusion | None = None) -> Capture:
     """Run ``model`` on ``images`` ``(B, 3, H, W)`` and record what the methods need.
 
     With ``with_grad`` the graph is kept so that :meth:`Capture.gradients` can
-    differentiate target logits with respect to each layer's attention. ``reduce``
-    is applied to each layer's attention as soon as it is produced (e.g. fusing
-    heads: ``(B, H, N, N) → (B, 1, N, N)``), so that the full maps of all layers
-    never need to be held at once.
+    differentiate target logits with respect to each layer's attention. With a
+    ``fusion``, each layer's heads are fused as soon as they are produced,
+    ``(B, H, N, N) → (B, 1, N, N)``, so that the full maps of all layers are never
+    held at once.
     """
     layout = token_layout(model, tuple(images.shape[-2:]))
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
-    with grad_mode, explicit_attention(model, reduce) as attentions, pool_input(model) as pooled, \
+    with grad_mode, explicit_attention(model, fusion) as attentions, pool_input(model) as pooled, \
             prefix_only_last_block(model, layout):
         logits = model(images)
     if len(attentions) != len(model.blocks):
         raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
-    if attentions[0].shape[-1] != layout.num_tokens:  # checked on the last axis, which reduce keeps
+    if attentions[0].shape[-1] != layout.num_tokens:  # checked on the last axis, which fusion keeps
         raise RuntimeError(
             f"attention covers {attentions[0].shape[-1]} tokens, expected {layout.num_prefix_tokens} prefix + "
             f"{layout.grid[0]}×{layout.grid[1]} patches"

@@ -67,14 +67,13 @@ class Explainer:
     def capture(self, images: Tensor) -> Capture:
         autocast = torch.autocast(images.device.type, dtype=self.amp) if self.amp else nullcontext()
         with autocast:
-            return capture_attention(self.model, images, with_grad=self.class_specific, reduce=self.reduce_attention)
+            return capture_attention(self.model, images, with_grad=self.class_specific, fusion=self.recorded_fusion)
 
-    def reduce_attention(self, attention: Tensor) -> Tensor:
-        """Applied to each layer's attention as it is recorded. Class-agnostic methods need only the
-        head-fused map, so they keep ``(B, 1, N, N)`` (H× less memory); gradient methods keep every head."""
-        if self.class_specific:
-            return attention
-        return fuse_heads(attention.float(), self.fusion).unsqueeze(1)
+    @property
+    def recorded_fusion(self) -> Fusion | None:
+        """Class-agnostic methods need only the head-fused maps, so the capture keeps ``(B, 1, N, N)`` per layer
+        (H× less memory); gradient methods keep every head."""
+        return None if self.class_specific else self.fusion
 
     def gradients(self, capture: Capture, target: Tensor | None, retain_graph: bool) -> list[Tensor] | None:
         """Per-layer ``∂y_target/∂A`` for class-specific methods; ``None`` otherwise."""
