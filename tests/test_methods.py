@@ -220,6 +220,24 @@ def test_compiled_kernel_equals_torch_rollout_including_ties(protected, ratios, 
                                rollout_masks_torch(fused, readout, layout, ratios), rtol=1e-5, atol=1e-6)
 
 
+def test_all_counts_of_a_map_at_once_equal_one_by_one_on_real_sized_maps():
+    """20 counts in any order, repeated ones among them, on 197×197 softmax maps: the thresholds and ties
+    of :func:`layer_thresholds` (every count at once) equal the plain sort's, count by count."""
+    rng = np.random.default_rng(5)
+    n = 197
+    logits = rng.normal(scale=3.0, size=(3, 2, n, n)).astype(np.float32)
+    maps = tuple(np.exp(x) / np.exp(x).sum(-1, keepdims=True) for x in logits)  # L=3 × (B=2, N, N)
+    maps[1][0, 5, :] = maps[1][0, 5, 0]  # a row of ties
+    counts = np.array([int(n * n * r) for r in np.linspace(0, 0.95, 20)] + [7000, 1, n * n - 1])
+    counts = rng.permutation(np.concatenate([counts, counts[[3, 11]]]))
+    thresholds, ties = layer_thresholds(maps, counts, (0,))
+    for b in range(2):
+        for layer in range(3):
+            for r, k in enumerate(counts):
+                expected = reference_thresholds(maps[layer][b], k, (0,)) if k > 0 else (-np.inf, 0)
+                assert (thresholds[b, layer, r], ties[b, layer, r]) == expected
+
+
 def reference_thresholds(matrix: np.ndarray, k: int, protected: tuple[int, ...]) -> tuple[float, int]:
     """The k-th smallest entry (k ≥ 1; protected diagonal entries as +inf) and how many of its equals are discarded."""
     n = matrix.shape[0]
@@ -231,7 +249,7 @@ def reference_thresholds(matrix: np.ndarray, k: int, protected: tuple[int, ...])
 
 @pytest.mark.parametrize("protected", [(), (0,), (0, 1)])
 def test_radix_selection_equals_sorting_on_awkward_values(protected):
-    """The compiled radix selection (one count) and the sort (several counts) against a plain sort: values that
+    """The compiled radix selection, for one count and for several at once, against a plain sort: values that
     share all but their last bits, negatives, −0 next to +0, all-equal maps, k = 1 and k = every entry."""
     rng = np.random.default_rng(3)
     n = 7
@@ -246,7 +264,7 @@ def test_radix_selection_equals_sorting_on_awkward_values(protected):
     is_protected = np.isin(np.arange(n), protected)
     keys, lanes = np.empty(n * n, dtype=np.uint32), np.empty((4, 4096), dtype=np.int32)
     for k in (1, 2, 17, negatives + 1, negatives + 2, negatives + 3, largest - 1, largest):
-        several = layer_thresholds(maps, np.array([k, 0, largest]), protected)  # one sort for every count
+        several = layer_thresholds(maps, np.array([k, 0, largest]), protected)  # every count of a map at once
         for b in range(2):
             for layer in range(len(maps)):
                 expected = reference_thresholds(maps[layer][b], k, protected)

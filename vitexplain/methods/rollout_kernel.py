@@ -32,29 +32,31 @@ def layer_thresholds(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected
     """Per image, layer and count ``k``: the threshold ``t`` (the k-th smallest entry of the layer's
     ``(N, N)`` map, protected diagonal entries excluded; −inf for k = 0) and how many entries equal to ``t``
     are discarded (the first ones in flat order). ``maps`` is ``L × (B, N, N)``; results are ``(B, L, R)``.
-    One in-place sort of a copy serves every count; layer by layer, so that the copy is still in cache when
-    it is sorted (0.4 ms per image less than sorting one copy of all layers)."""
+    Every count of a map at once (:func:`select_thresholds`), in parallel over images and layers."""
+    n = maps[0].shape[-1]
+    is_protected = np.zeros(n, dtype=np.bool_)
+    is_protected[list(protected)] = True
+    order = np.argsort(counts, kind="stable")
+    thresholds, ties = _layer_thresholds(maps, np.ascontiguousarray(np.asarray(counts, np.int64)[order]), is_protected)
+    inverse = np.empty_like(order)
+    inverse[order] = np.arange(len(order))
+    return thresholds[:, :, inverse], ties[:, :, inverse]
+
+
+@numba.njit(parallel=True, cache=True)
+def _layer_thresholds(maps, ascending_counts, protected):
     batch, n, _ = maps[0].shape
-    thresholds = np.empty((batch, len(maps), len(counts)), dtype=maps[0].dtype)
-    ties = np.empty((batch, len(maps), len(counts)), dtype=np.int64)
-    for layer, fused in enumerate(maps):
-        rows = fused.reshape(batch, n * n).copy()  # sorting reorders it
-        rows[:, [p * n + p for p in protected]] = np.inf
-        rows.sort(axis=1)
-        thresholds[:, layer] = np.where(counts > 0, rows[:, np.maximum(counts - 1, 0)], -np.inf)
-        ties[:, layer] = np.where(counts > 0, counts - _count_below_sorted(rows, thresholds[:, layer]), 0)
+    layers, ratios = len(maps), ascending_counts.size
+    thresholds = np.empty((batch, layers, ratios), dtype=np.float32)
+    ties = np.empty((batch, layers, ratios), dtype=np.int64)
+    for item in numba.prange(batch * layers):
+        b, layer = item // layers, item % layers
+        keys, spread = np.empty(n * n, dtype=np.uint32), np.empty(n * n + 1, dtype=np.uint32)
+        bin_keys, lanes = np.empty(n * n, dtype=np.uint32), np.empty((4, 1 << 12), dtype=np.int32)
+        cursors = np.empty((5, 1 << 12), dtype=np.int32)
+        select_thresholds(maps[layer][b], protected, ascending_counts, keys, lanes, cursors, spread, bin_keys,
+                          thresholds[b, layer], ties[b, layer])
     return thresholds, ties
-
-
-@numba.njit(cache=True)
-def _count_below_sorted(rows, thresholds):
-    """``(M, R)`` counts of the entries of each sorted row below each of its thresholds (binary searches:
-    too little work for threads)."""
-    counts = np.zeros(thresholds.shape, dtype=np.int64)
-    for m in range(rows.shape[0]):
-        for r in range(thresholds.shape[1]):
-            counts[m, r] = np.searchsorted(rows[m], thresholds[m, r])
-    return counts
 
 
 SIGN = np.uint32(0x80000000)
@@ -81,10 +83,86 @@ def select_threshold(matrix, protected, k, keys, lanes):
     below ``t``). ``keys`` (``N²`` uint32) and ``lanes`` (``(4, 4096)`` int32) are scratch space, reused
     from layer to layer.
 
-    Radix selection on order keys, digits of 12, 12 and 8 bits: each pass histograms the remaining
-    candidates, finds the digit that holds rank k and keeps only the candidates with that digit. The
-    first, full-size histogram counts into four interleaved copies: attention values crowd into few
-    bins, and one copy would make every increment wait for the previous one."""
+    Radix selection on order keys, digits of 12, 10 and 10 bits: each pass histograms the remaining
+    candidates, finds the digit that holds rank k and keeps only the candidates with that digit."""
+    total = _first_digit_histogram(matrix, protected, keys, lanes)
+    digit, below = _digit_of_rank(lanes[0], k, 0, 0)
+    remaining = _keep_digit(keys, total, 20, 12, digit)
+    return _refined(keys, remaining, k, below, np.uint32(digit) << 20, lanes[1])
+
+
+@numba.njit(cache=True)
+def select_thresholds(matrix, protected, counts, keys, lanes, cursors, spread, bin_keys, thresholds, ties):
+    """:func:`select_threshold` for every one of ``counts`` (ascending; 0 gives −inf and no ties) into
+    ``thresholds`` and ``ties``. The key pass and the first digit's histogram serve all counts; one pass then
+    spreads the keys of the bins that hold a count's rank into ``spread`` (``N² + 1``), and each count
+    refines only its own bin (a few per cent of the map): in place, or in a copy in ``bin_keys`` (``N²``)
+    where the next count's rank lies in the same bin. ``cursors`` (``(5, 4096)`` int32) is scratch."""
+    total = _first_digit_histogram(matrix, protected, keys, lanes)
+    histogram = lanes[0]
+    digits, belows = np.full(counts.size, -1, np.int64), np.zeros(counts.size, np.int64)
+    digit, below = 0, 0
+    for r in range(counts.size):
+        if counts[r] > 0:
+            digit, below = _digit_of_rank(histogram, counts[r], digit, below)
+            digits[r], belows[r] = digit, below
+    starts = _spread_bins(keys, total, lanes, digits, cursors, spread)
+    for r in range(counts.size):
+        if counts[r] == 0:
+            thresholds[r], ties[r] = -np.inf, 0
+            continue
+        size, first = histogram[digits[r]], starts[r]
+        shared = r + 1 < counts.size and digits[r + 1] == digits[r]  # refining reorders the bin: copy it first
+        candidates = bin_keys if shared else spread[first:first + size]
+        if shared:
+            bin_keys[:size] = spread[first:first + size]
+        thresholds[r], ties[r] = _refined(candidates, size, counts[r], belows[r], np.uint32(digits[r]) << 20, lanes[1])
+
+
+@numba.njit(cache=True)
+def _spread_bins(keys, total, lanes, digits, cursors, spread):
+    """Copy the keys of the first-digit bins ``digits`` (ascending, repeats allowed, −1 skipped) into
+    consecutive regions of ``spread``, bin after bin; returns each entry's region start. Keys go four at a
+    time, each into its own part of its bin's region (sized by :func:`_first_digit_histogram`'s per-lane
+    counts, still in ``lanes[1:]``), so that keys of one bin do not all wait on one cursor; keys of other
+    bins all land on ``spread[total]``, which nothing reads."""
+    step = cursors[4]
+    step[:] = 0
+    cursors[:4] = total
+    starts = np.zeros(digits.size, np.int64)
+    start = 0
+    for r in range(digits.size):
+        digit = digits[r]
+        if digit < 0:
+            continue
+        if step[digit] == 0:
+            step[digit] = 1
+            cursors[0, digit] = start
+            cursors[1, digit] = start + lanes[0, digit] - lanes[1, digit] - lanes[2, digit] - lanes[3, digit]
+            cursors[2, digit] = cursors[1, digit] + lanes[1, digit]
+            cursors[3, digit] = cursors[2, digit] + lanes[2, digit]
+            start += lanes[0, digit]
+        starts[r] = cursors[0, digit]
+    whole = total - total % 4
+    for index in range(0, whole, 4):
+        for lane in range(4):
+            key = keys[index + lane]
+            digit = key >> 20
+            spread[cursors[lane, digit]] = key
+            cursors[lane, digit] += step[digit]
+    for index in range(whole, total):  # counted in lane 0
+        key = keys[index]
+        spread[cursors[0, key >> 20]] = key
+        cursors[0, key >> 20] += step[key >> 20]
+    return starts
+
+
+@numba.njit(cache=True)
+def _first_digit_histogram(matrix, protected, keys, lanes):
+    """Fill ``keys`` with the map's order keys (protected diagonal entries: +inf) and ``lanes[0]`` with the
+    histogram of their first 12 bits; returns the number of keys. The histogram counts into four interleaved
+    copies first: attention values crowd into few bins, and one copy would make every increment wait for
+    the previous one."""
     n = matrix.shape[0]
     total = n * n
     flat = matrix.reshape(total)
@@ -105,24 +183,43 @@ def select_threshold(matrix, protected, k, keys, lanes):
     histogram = lanes[0]
     for digit in range(1 << 12):
         histogram[digit] += lanes[1, digit] + lanes[2, digit] + lanes[3, digit]
-    below, prefix, remaining = 0, np.uint32(0), total
-    for shift, width in ((20, 12), (8, 12), (0, 8)):
-        mask = (1 << width) - 1
-        if shift != 20:
-            histogram[:1 << width] = 0
-            for c in range(remaining):
-                histogram[(keys[c] >> shift) & mask] += 1
-        digit = 0
-        while below + histogram[digit] < k:
-            below += histogram[digit]
-            digit += 1
-        prefix |= np.uint32(digit) << shift
-        kept = 0
+    return total
+
+
+@numba.njit(cache=True)
+def _digit_of_rank(histogram, k, digit, below):
+    """The digit whose bin holds rank ``k`` and the count in the bins before it, scanning on from ``digit``
+    with ``below`` entries before it (ranks in ascending order need one scan in all)."""
+    while below + histogram[digit] < k:
+        below += histogram[digit]
+        digit += 1
+    return digit, below
+
+
+@numba.njit(cache=True)
+def _keep_digit(keys, count, shift, width, digit):
+    """Compact to the front of ``keys`` the first ``count`` keys whose ``width``-bit digit at ``shift`` is
+    ``digit``; returns how many."""
+    kept = 0
+    for c in range(count):
+        if (keys[c] >> shift) & ((1 << width) - 1) == digit:
+            keys[kept] = keys[c]
+            kept += 1
+    return kept
+
+
+@numba.njit(cache=True)
+def _refined(keys, remaining, k, below, prefix, histogram):
+    """Rank ``k``'s entry and ties among ``keys[:remaining]``, which share the first 12 bits ``prefix`` and
+    have ``below`` entries of the map under them: two more digits of 10 bits (a bin holds a few per cent of
+    the map, and small histograms are cleared and scanned quickly)."""
+    for shift in (10, 0):
+        histogram[:1 << 10] = 0
         for c in range(remaining):
-            if (keys[c] >> shift) & mask == digit:
-                keys[kept] = keys[c]
-                kept += 1
-        remaining = kept
+            histogram[(keys[c] >> shift) & 0x3FF] += 1
+        digit, below = _digit_of_rank(histogram, k, 0, below)
+        prefix |= np.uint32(digit) << shift
+        remaining = _keep_digit(keys, remaining, shift, 10, digit)
     return _from_key(prefix), k - below
 
 
