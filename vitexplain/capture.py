@@ -91,8 +91,8 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
 def has_native_kernel(module: nn.Module) -> bool:
     """Whether ``module`` is timm's plain ``Attention`` (no q/k or output norm, no gate, ``C = H·d`` in and
     out, the standard scale), which ``torch._native_multi_head_attention`` computes exactly."""
-    plain = type(module) is Attention and "forward" not in vars(module) and all(isinstance(getattr(module, name, None), nn.Identity)
-                                              for name in ("q_norm", "k_norm", "norm"))
+    plain = type(module) is Attention and "forward" not in vars(module) and all(
+        isinstance(getattr(module, name, None), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
     return (plain and getattr(module, "gate", None) is None and hasattr(torch, "_native_multi_head_attention")
             and type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear and module.proj.bias is not None
             and module.num_heads * module.head_dim == module.qkv.in_features == module.proj.out_features
@@ -120,6 +120,7 @@ def native_recording_forward(module: nn.Module, recorded: list[Tensor], fusion: 
 
 
 def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` here."""
     try:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4

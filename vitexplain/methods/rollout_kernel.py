@@ -45,6 +45,7 @@ def layer_thresholds(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected
 
 @numba.njit(parallel=True, cache=True)
 def _layer_thresholds(maps, ascending_counts, protected):
+    """``(B, L, R)`` thresholds and ties of maps ``L × (B, N, N)``, one (image, layer) per parallel item."""
     batch, n, _ = maps[0].shape
     layers, ratios = len(maps), ascending_counts.size
     thresholds = np.empty((batch, layers, ratios), dtype=np.float32)
