@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import os
+import hashlib
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import timm
 import torch
 from torch import nn
+
+from .capture.support import UnsupportedModelError, check_supported
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -32,6 +36,49 @@ class Preprocessing:
     std: tuple[float, float, float]
     interpolation: str = "bicubic"
 
+    def record(self) -> dict:
+        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
+                "interpolation": self.interpolation}
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Which network explains: a timm architecture and where its weights come from.
+
+    ``weights`` is ``checkpoint`` (a local file, identified by its content hash), ``pretrained`` (timm's
+    weights for ``pretrained_tag``) or ``random`` (a random init, for tests)."""
+
+    name: str
+    weights: str
+    checkpoint: str | None = None  # absolute path, as recorded; not part of the identity
+    checkpoint_sha256: str | None = None
+    pretrained_tag: str | None = None
+    model_kwargs: tuple[tuple[str, object], ...] = ()  # timm.create_model options (img_size=…, num_classes=…)
+
+    def record(self) -> dict:
+        return {**asdict(self), "model_kwargs": {k: v for k, v in self.model_kwargs}}
+
+    def identity(self) -> dict:
+        """What decides the network: everything but the checkpoint's path."""
+        return {k: v for k, v in self.record().items() if k != "checkpoint"}
+
+    def describe(self) -> str:
+        """``deit_tiny_patch16_224, checkpoint weights.pth (sha256 a7cc9131…)`` and the like."""
+        if self.weights == "checkpoint":
+            return f"{self.name}, checkpoint {self.checkpoint} (sha256 {self.checkpoint_sha256[:8]}…)"
+        if self.weights == "pretrained":
+            return f"{self.name}, pretrained {self.pretrained_tag or '(default)'}"
+        return f"{self.name}, random init"
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
 
 def check_model_name(name: str) -> str:
     """Return ``name`` if timm knows it, else raise with the closest known names."""
@@ -43,13 +90,12 @@ def check_model_name(name: str) -> str:
 
 
 def check_attention_blocks(model: nn.Module, name: str) -> None:
-    """Raise unless ``model`` is a ViT-style stack of blocks with self-attention."""
-    blocks = getattr(model, "blocks", None)
-    if not blocks or not all(hasattr(getattr(b, "attn", None), "attn_drop") for b in blocks):
-        raise ModelChoiceError(
-            f"{name!r} has no ViT attention blocks (model.blocks[i].attn); "
-            "vitexplain explains Vision Transformers such as deit_tiny_patch16_224 or vit_base_patch16_224"
-        )
+    """Raise :class:`ModelChoiceError` unless the capture can record ``model`` faithfully
+    (:func:`vitexplain.capture.support.check_supported`)."""
+    try:
+        check_supported(model, name)
+    except UnsupportedModelError as error:
+        raise ModelChoiceError(str(error)) from None
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -109,17 +155,22 @@ def load_pretrained_model(name: str, **model_kwargs) -> nn.Module:
 
 @dataclass
 class ModelPlan:
-    """A model checked before any weights are loaded: known name, readable checkpoint, ViT architecture."""
+    """A model checked before any weights are loaded: known name, readable checkpoint, supported ViT
+    architecture; with its identity (:class:`ModelSource`) and preprocessing."""
 
     name: str
     num_classes: int
     state: dict[str, torch.Tensor] | None  # the checkpoint, read once
     kwargs: dict
+    source: ModelSource
+    preprocessing: Preprocessing
 
 
-def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, **model_kwargs) -> ModelPlan:
+def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, pretrained: bool = True,
+               **model_kwargs) -> ModelPlan:
     """Check everything that can fail cheaply: the name, the checkpoint file and the architecture
-    (built on the meta device, no memory, no weights)."""
+    (built on the meta device, no memory, no weights). Without a checkpoint the weights are timm's
+    pretrained ones, or a random init with ``pretrained=False``."""
     check_model_name(name)
     state = read_state_dict(Path(checkpoint)) if checkpoint is not None else None
     kwargs = dict(model_kwargs)
@@ -130,14 +181,24 @@ def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, 
     check_attention_blocks(skeleton, name)
     if state is not None:
         load_checkpoint_state(skeleton, name, state, assign=True)  # checks keys and shapes, copies nothing
-    return ModelPlan(name, int(skeleton.num_classes), state, kwargs)
+    options = tuple(sorted((k, v if isinstance(v, (int, float, str, bool, type(None))) else repr(v))
+                           for k, v in kwargs.items()))
+    if state is not None:
+        path = Path(os.path.abspath(checkpoint))
+        source = ModelSource(name, "checkpoint", str(path), file_sha256(path), model_kwargs=options)
+    elif pretrained:
+        source = ModelSource(name, "pretrained", pretrained_tag=(skeleton.pretrained_cfg or {}).get("tag"),
+                             model_kwargs=options)
+    else:
+        source = ModelSource(name, "random", model_kwargs=options)
+    return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing_for(skeleton))
 
 
-def build_model(plan: ModelPlan, pretrained: bool = True) -> nn.Module:
+def build_model(plan: ModelPlan) -> nn.Module:
     """The planned model in eval mode, with the checkpoint's weights, else pretrained ones (or random init)."""
     if plan.state is not None:
         model = load_checkpoint_state(timm.create_model(plan.name, pretrained=False, **plan.kwargs), plan.name, plan.state)
-    elif pretrained:
+    elif plan.source.weights == "pretrained":
         model = load_pretrained_model(plan.name, **plan.kwargs)
     else:
         model = timm.create_model(plan.name, pretrained=False, **plan.kwargs)
@@ -151,7 +212,7 @@ def load_model(
     **model_kwargs,
 ) -> nn.Module:
     """A timm ViT in eval mode: from ``checkpoint`` if given, else pretrained (or random-init)."""
-    return build_model(plan_model(name, checkpoint, **model_kwargs), pretrained)
+    return build_model(plan_model(name, checkpoint, pretrained, **model_kwargs))
 
 
 def preprocessing_for(model: nn.Module) -> Preprocessing:

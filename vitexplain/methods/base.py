@@ -1,188 +1,262 @@
-"""Shared steps of every rollout-style method, as pure batched tensor functions.
+"""What a method is: a declaration (name, parameters, capabilities) and one entry point, ``explain``.
 
-Shapes: ``B`` batch, ``H`` heads, ``N`` tokens, ``L`` layers. Per-layer maps are
-``(B, H, N, N)``; fused maps and transition matrices are ``(B, N, N)``; a
-readout is a ``(B, N)`` weighting of the tokens the classifier reads.
+A method is a subclass of :class:`Explainer` in a module of its own, registered by name
+(:func:`vitexplain.methods.registry.register_method`). It declares
 
-A method differs from another only in its per-head weighting (plain attention
-for rollout, ``relu(A ⊙ ∂y/∂A)`` for gradient rollout); everything after
-that is shared: fuse heads → discard → add residual → roll out → mask.
+- its **parameters** (:class:`Param`: type, default, check, help text, and how the value appears in
+  output names), from which the command line builds the subcommand's options and ``--help``, and the run
+  record its names and resume key;
+- its **capabilities**: ``class_specific`` (one map per target class, needs gradients), ``sweepable``
+  (has a discard ratio that ``sweep`` varies), ``stretch_overlay`` (overlays drawn over the mask's own
+  range by default) and ``needs`` (what the capture must record: ``attentions``, ``gradients``);
+- and one computation, :meth:`Explainer.masks_for`: masks from what the capture recorded.
+
+Rollout-style methods subclass :class:`RolloutExplainer` and define only their per-head weighting
+(:meth:`RolloutExplainer.head_maps`); fusion, discard, residual and roll-out are shared.
+
+This module and the method modules import torch only inside functions, so that the command line can read
+every declaration (``vitexplain --help``) without loading torch, timm or numba.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, ContextManager, Sequence
 
-import numpy as np
-import torch
-from torch import Tensor
+from ..capture.fusion import FUSIONS
 
-Fusion = Literal["mean", "max", "min"]
-FUSIONS: tuple[str, ...] = ("mean", "max", "min")
+if TYPE_CHECKING:
+    from torch import Tensor, dtype, nn
+
+    from ..capture.record import Capture
+
+NEEDS = frozenset({"attentions", "gradients"})
 
 
 @dataclass(frozen=True)
-class TokenLayout:
-    """Where the patch tokens sit in a ViT's token sequence.
+class Param:
+    """One parameter of a method.
 
-    Tokens are ``[prefix_0 … prefix_{P-1}, patch_0 … patch_{gh·gw-1}]`` with
-    patches in row-major grid order. ``protected_tokens`` are the prefix tokens the
-    classifier reads (CLS, DeiT's distillation token); their self-attention
-    entries are never discarded.
+    ``check(value)`` returns ``None`` or what is wrong (``"must be in [0, 1)"``). ``tag`` says how the value
+    appears in output file names: ``None`` not at all, ``""`` as the bare value (``max``), ``"d"`` prefixed
+    (``d0.9``). Every parameter, named or not, is part of the run's record and resume key.
     """
 
-    num_prefix_tokens: int
-    grid: tuple[int, int]
-    protected_tokens: tuple[int, ...] = ()
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    check: Callable[[Any], str | None] | None = None
+    tag: str | None = None
 
     @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
+    def flag(self) -> str:
+        """The command-line option: ``--discard-ratio``."""
+        return "--" + self.name.replace("_", "-")
 
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prefix_tokens + self.num_patches
+    def parse(self, value: Any, label: str | None = None) -> Any:
+        """``value`` converted to the parameter's type and checked; ``ValueError`` saying what is wrong,
+        naming the parameter as ``label`` (default: its Python name)."""
+        label = label or self.name
+        try:
+            if self.type is bool and not isinstance(value, bool):
+                raise TypeError
+            converted = self.type(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{label} must be a {self.type.__name__}, got {value!r}") from None
+        if self.choices is not None and converted not in self.choices:
+            raise ValueError(f"{label} must be one of {', '.join(self.choices)}, got {converted!r}")
+        problem = self.check(converted) if self.check else None
+        if problem:
+            raise ValueError(f"{label} {problem}, got {converted!r}")
+        return converted
+
+    def name_part(self, value: Any) -> str | None:
+        """How ``value`` appears in output names (``None``: it does not)."""
+        if self.tag is None:
+            return None
+        return f"{self.tag}{value:g}" if isinstance(value, float) else f"{self.tag}{value}"
 
 
-def fuse_heads(maps: Tensor, fusion: Fusion) -> Tensor:
-    """Reduce ``(B, H, N, N)`` over heads with ``mean``, ``max`` or ``min``."""
-    if fusion in FUSIONS and maps.shape[1] == 1:  # one head (or already fused): nothing to reduce, no copy
-        return maps[:, 0]
-    if fusion == "mean":
-        return head_mean(maps)
-    if fusion == "max":
-        return maps.amax(dim=1)
-    if fusion == "min":
-        return maps.amin(dim=1)
-    raise ValueError(f"unknown fusion {fusion!r}; choose one of {', '.join(FUSIONS)}")
-
-
-def head_mean(maps: Tensor) -> Tensor:
-    """``(B, H, N, N) → (B, N, N)`` mean over heads, as the product ``(1/H)·1ᵀ·A_b`` of each sample's
-    ``(H, N²)`` maps: a matrix product runs at memory speed where ``mean(dim=1)`` zero-fills, sums and
-    divides in separate passes (on CPU 0.5–0.9 core-ms less per image for deit-tiny's 12 layers)."""
-    batch, heads = maps.shape[:2]
-    weights = torch.full((1, heads), 1.0 / heads, dtype=maps.dtype, device=maps.device)
-    return torch.matmul(weights, maps.reshape(batch, heads, -1)).view(batch, *maps.shape[2:])
+def unit_interval_problem(value: float) -> str | None:
+    return None if 0.0 <= value < 1.0 else "must be in [0, 1)"
 
 
 def check_discard_ratio(ratio: float) -> float:
     """Return ``ratio`` if it lies in [0, 1), else raise ``ValueError``."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"discard ratio must be in [0, 1), got {ratio}")
-    return ratio
+    return DISCARD_RATIO.parse(ratio, "discard ratio")
 
 
-def discard_candidates(fused: Tensor, protected: Sequence[int]) -> Tensor:
-    """``(B, N²)`` flattened maps with the protected diagonal entries ``(p, p)`` set to +inf."""
-    batch, n, _ = fused.shape
-    candidates = fused.reshape(batch, n * n).clone()
-    candidates[:, [p * n + p for p in protected]] = torch.inf
-    return candidates
+FUSION = Param("fusion", str, "mean", "How to fuse attention heads per layer.", choices=FUSIONS, tag="")
+DISCARD_RATIO = Param("discard_ratio", float, 0.9, "Fraction of each layer's lowest fused attention entries zeroed, "
+                      "in [0, 1).", check=unit_interval_problem, tag="d")
 
 
-def discard_count(n: int, ratio: float, num_protected: int) -> int:
-    """``⌊ratio·N²⌋`` entries, never the ``num_protected`` protected ones."""
-    return min(int(n * n * check_discard_ratio(ratio)), n * n - num_protected)
+@dataclass
+class Explanation:
+    """Masks ``(B, T, R, gh, gw)`` for ``T`` targets and ``R`` discard ratios per image (``R = 1`` for methods
+    without a discard ratio, whose ``discard_ratios`` is ``()``). ``targets`` is ``(B, T)`` class indices, or
+    ``None`` for class-agnostic methods."""
+
+    masks: Tensor
+    logits: Tensor
+    targets: Tensor | None
+    discard_ratios: tuple[float, ...]
+
+    @property
+    def probabilities(self) -> Tensor:
+        return self.logits.float().softmax(dim=-1)
 
 
-def sorted_values(candidates: Tensor) -> Tensor:
-    """Each row sorted ascending (numpy's vectorised sort on CPU, ~10× torch's there)."""
-    if candidates.device.type == "cpu":
-        return torch.from_numpy(np.sort(candidates.numpy(), axis=1))
-    return candidates.sort(dim=1).values
+def no_timer(stage: str) -> ContextManager[None]:
+    """The timer used when not profiling: times nothing."""
+    from contextlib import nullcontext
+
+    return nullcontext()
 
 
-def drop_lowest(fused: Tensor, candidates: Tensor, kth: Tensor, k: int) -> Tensor:
-    """Zero the ``k`` smallest candidates per row, given each row's k-th smallest value ``kth`` ``(B, 1)``;
-    among values equal to ``kth`` the lower flat indices go first."""
-    drop = candidates <= kth
-    if not bool((drop.sum(dim=1) == k).all()):  # ties at the threshold: keep only as many as fit
-        below = candidates < kth
-        tied = candidates == kth
-        drop = below | (tied & (tied.cumsum(dim=1) <= k - below.sum(dim=1, keepdim=True)))
-    return fused.masked_fill(drop.view_as(fused), 0.0)
+class Explainer:
+    """Base of every method: capture → (per target) gradients → :meth:`masks_for`.
 
-
-def discard_by_ratio(fused: Tensor, ratios: Sequence[float], protected: Sequence[int] = ()) -> Iterator[Tensor]:
-    """:func:`discard_lowest` for each of ``ratios``, sorting each sample's entries only once."""
-    n = fused.shape[-1]
-    counts = [discard_count(n, r, len(protected)) for r in ratios]
-    if max(counts) <= 0:
-        yield from (fused.clone() for _ in ratios)
-        return
-    candidates = discard_candidates(fused, protected)
-    ordered = sorted_values(candidates)
-    for k in counts:
-        yield drop_lowest(fused, candidates, ordered[:, k - 1:k], k) if k > 0 else fused.clone()
-
-
-def discard_lowest(fused: Tensor, ratio: float, protected: Sequence[int] = ()) -> Tensor:
-    """Zero the ``⌊ratio·N²⌋`` smallest entries of each sample's ``(N, N)`` map.
-
-    Each batch item is thresholded on its own; among equal values the lower flat index
-    goes first. The diagonal entries ``(p, p)`` of ``protected`` tokens (CLS→CLS) are
-    never zeroed.
+    ``Method(model, *values, amp=None, **params)``: parameters by position (in declaration order) or by
+    name; each is checked. ``amp`` runs the forward pass under autocast with that dtype
+    (bfloat16/float16); the attention math stays float32.
     """
-    return next(discard_by_ratio(fused, [ratio], protected))
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line: the method and its source (``vitexplain --help``)
+    description: ClassVar[str] = ""  # the math in a paragraph (``vitexplain NAME --help``)
+    params: ClassVar[tuple[Param, ...]] = ()
+    class_specific: ClassVar[bool] = False
+    stretch_overlay: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset({"attentions"})
+    version: ClassVar[int] = 1  # raise when the method's output changes: it is part of the resume key
+
+    on_progress: Callable[[int, int], None] = staticmethod(lambda done, total: None)  # within-image progress
+    timer: Callable[[str], ContextManager] = staticmethod(no_timer)  # a StageTimer when profiling
+
+    def __init__(self, model: nn.Module, *values: Any, amp: dtype | None = None, **params: Any):
+        if len(values) > len(self.params):
+            raise TypeError(f"{self.name} takes {len(self.params)} parameters, got {len(values)} values")
+        for param, value in zip(self.params, values):
+            if param.name in params:
+                raise TypeError(f"{self.name}: {param.name} given twice")
+            params[param.name] = value
+        self.settings = resolve_params(type(self), params)
+        for key, value in self.settings.items():
+            setattr(self, key, value)
+        self.model = model.eval()
+        self.amp = amp
+
+    @classmethod
+    def sweepable(cls) -> bool:
+        """Whether the method has a discard ratio, which ``sweep`` varies over one capture."""
+        return any(p.name == "discard_ratio" for p in cls.params)
+
+    @property
+    def recorded_fusion(self) -> str | None:
+        """Heads fused while recording (``(B, 1, N, N)`` per layer, H× less memory) where the method needs
+        only the fused attention; ``None`` keeps every head."""
+        return None
+
+    def capture(self, images: Tensor) -> Capture:
+        from contextlib import nullcontext
+
+        import torch
+
+        from ..capture.record import capture_attention
+
+        autocast = torch.autocast(images.device.type, dtype=self.amp) if self.amp else nullcontext()
+        with autocast:
+            return capture_attention(self.model, images, with_grad="gradients" in self.needs,
+                                     fusion=self.recorded_fusion)
+
+    def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
+        """The method: masks ``(B, R, gh, gw)`` from ``capture`` (and one target's per-layer ``gradients``
+        ``∂y_c/∂A_l`` for class-specific methods), one per discard ratio (``R = 1`` without one)."""
+        raise NotImplementedError
+
+    def explain(self, images: Tensor, classes: Sequence[int | Tensor] | None = None,
+                discard_ratios: Sequence[float] | None = None) -> Explanation:
+        """Masks for each class in ``classes`` (class-specific methods; default top-1) and each discard ratio
+        (sweepable methods; default the method's own)."""
+        import torch
+
+        ratios = self.ratios(discard_ratios)
+        if classes and not self.class_specific:
+            raise ValueError(f"{self.name} is class-agnostic: it takes no classes")
+        with self.timer("model"):
+            capture = self.capture(images)
+            logits = capture.logits.detach()
+            targets = self.targets(logits, classes)
+            gradients = [capture.gradients(t, retain_graph=i < len(targets) - 1) if t is not None else None
+                         for i, t in enumerate(targets)]
+        with self.timer("method"):
+            masks = torch.stack([self.masks_for(capture, g, ratios) for g in gradients], dim=1)
+        stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)
+        return Explanation(masks, logits, stacked_targets, ratios)
+
+    def ratios(self, discard_ratios: Sequence[float] | None) -> tuple[float, ...]:
+        if not self.sweepable():
+            if discard_ratios:
+                raise ValueError(f"{self.name} has no discard ratio to sweep")
+            return ()
+        return tuple(check_discard_ratio(r) for r in (discard_ratios or (self.settings["discard_ratio"],)))
+
+    def targets(self, logits: Tensor, classes: Sequence[int | Tensor] | None) -> list[Tensor | None]:
+        if not self.class_specific:
+            return [None]
+        if not classes:
+            return [logits.argmax(dim=-1)]
+        return [target_tensor(c, logits.shape[0], logits.device) for c in classes]
+
+    def __call__(self, images: Tensor, target: int | Tensor | None = None) -> Tensor:
+        """Masks ``(B, gh, gw)``; ``target`` (class-specific methods only) defaults to each image's top-1."""
+        classes = None if target is None else [target]
+        return self.explain(images, classes).masks[:, 0, 0]
 
 
-def add_residual(fused: Tensor) -> Tensor:
-    """Transition matrix ``Â = (A + I) / rowsum(A + I)``: every row sums to 1."""
-    eye = torch.eye(fused.shape[-1], dtype=fused.dtype, device=fused.device)
-    with_residual = fused + eye
-    return with_residual / with_residual.sum(dim=-1, keepdim=True)
+class RolloutExplainer(Explainer):
+    """A rollout-style method: per-head weighting (:meth:`head_maps`) → fuse heads → discard → residual →
+    roll out (:mod:`vitexplain.methods.rollout_steps`)."""
+
+    params = (FUSION, DISCARD_RATIO)
+
+    @property
+    def recorded_fusion(self) -> str | None:
+        return None if "gradients" in self.needs else self.settings["fusion"]
+
+    def head_maps(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
+        """The weighting: per-layer maps ``(B, H, N, N)`` (or ``(B, 1, N, N)`` if fused while recording)."""
+        raise NotImplementedError
+
+    def fused_layers(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
+        """Head-fused per-layer maps ``L × (B, N, N)``."""
+        from .rollout_steps import fuse_layers
+
+        return fuse_layers(self.head_maps(capture, gradients), self.settings["fusion"])
+
+    def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
+        from .rollout_steps import rollout_masks
+
+        return rollout_masks(self.fused_layers(capture, gradients), capture.readout, capture.layout, discard_ratios)
 
 
-def transitions_by_ratio(fused: Sequence[Tensor], ratios: Sequence[float], layout: TokenLayout) -> Iterator[list[Tensor]]:
-    """For each ratio, per layer ``Â_l = add_residual(discard_lowest(F_l, ratio))``.
-
-    Each layer's entries are sorted once, however many ratios follow (a sweep costs one sort per layer).
-    """
-    per_layer = [discard_by_ratio(f, ratios, layout.protected_tokens) for f in fused]
-    for _ in ratios:
-        yield [add_residual(next(discarded)) for discarded in per_layer]
-
-
-def transition_matrices(fused: Sequence[Tensor], discard_ratio: float, layout: TokenLayout) -> list[Tensor]:
-    """Per layer ``Â_l = add_residual(discard_lowest(F_l))`` for fused maps ``F_l``."""
-    return next(transitions_by_ratio(fused, [check_discard_ratio(discard_ratio)], layout))
+def resolve_params(method: type[Explainer], given: dict[str, Any], label: Callable[[Param], str] = lambda p: p.name) -> dict[str, Any]:
+    """Every declared parameter of ``method``: given values checked, the others at their defaults.
+    Unknown names raise ``TypeError``; bad values ``ValueError`` naming the parameter as ``label(param)``."""
+    known = {p.name for p in method.params}
+    unknown = sorted(set(given) - known)
+    if unknown:
+        offered = ", ".join(sorted(known)) or "none"
+        raise TypeError(f"{method.name} has no parameter {unknown[0]!r} (its parameters: {offered})")
+    return {p.name: p.parse(given.get(p.name, p.default), label(p)) for p in method.params}
 
 
-def rollout_readout(transitions: Sequence[Tensor], readout: Tensor) -> Tensor:
-    """Readout row of the rollout: ``rᵀ Â_L Â_{L-1} ⋯ Â_1``.
+def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:
+    """A ``(B,)`` long tensor of class indices from an index or a tensor."""
+    import torch
 
-    ``transitions[0]`` is the first block. Computed right-to-left as ``L``
-    vector–matrix products (``O(L·N²)``), never the full ``N×N`` product.
-    """
-    row = readout.unsqueeze(1)
-    for transition in reversed(transitions):
-        row = torch.bmm(row, transition)
-    return row.squeeze(1)
-
-
-def to_mask(token_values: Tensor, layout: TokenLayout) -> Tensor:
-    """Patch-token values ``(B, N)`` → ``(B, gh, gw)`` masks, each scaled to max 1."""
-    patches = token_values[:, layout.num_prefix_tokens:]
-    if patches.shape[1] != layout.num_patches:
-        raise ValueError(
-            f"{patches.shape[1]} patch tokens do not fill a {layout.grid[0]}×{layout.grid[1]} grid"
-        )
-    peak = patches.amax(dim=1, keepdim=True).clamp_min(torch.finfo(patches.dtype).tiny)
-    return (patches / peak).view(-1, *layout.grid)
-
-
-def fuse_layers(layer_maps: Sequence[Tensor], fusion: Fusion) -> list[Tensor]:
-    """Fuse the heads of every layer in float32."""
-    return [fuse_heads(m.float(), fusion) for m in layer_maps]
-
-
-def rollout_masks_torch(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
-                        discard_ratios: Sequence[float]) -> Tensor:
-    """Masks ``(B, R, gh, gw)`` from fused per-layer maps, one per discard ratio: discard → residual → roll out.
-
-    Plain torch on any device; on CPU :func:`vitexplain.methods.rollout_kernel.rollout_masks` computes the
-    same with a compiled kernel."""
-    readout = readout.float()
-    masks = [to_mask(rollout_readout(t, readout), layout) for t in transitions_by_ratio(fused, discard_ratios, layout)]
-    return torch.stack(masks, dim=1)
+    if isinstance(target, torch.Tensor):
+        return target.to(device=device, dtype=torch.long).expand(batch)
+    return torch.full((batch,), int(target), dtype=torch.long, device=device)

@@ -19,15 +19,18 @@ Solvers: ``dinic`` (default, exact float64, compiled; :mod:`.maxflow`) and
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from .base import TokenLayout, to_mask
-from .maxflow import build_layered_graph, flows_to_sinks
+from .base import DISCARD_RATIO, FUSION, Param, RolloutExplainer
+from .registry import register_method
 
+if TYPE_CHECKING:
+    from torch import Tensor
+
+    from ..capture.record import Capture
+    from ..capture.tokens import TokenLayout
 
 
 class NetworkxFlow:
@@ -56,21 +59,25 @@ class DinicFlow:
     """Default solver: exact float64 Dinic on a CSR graph built once per image (:mod:`.maxflow`)."""
 
     def __init__(self, transitions: np.ndarray, readout: np.ndarray):
+        from ..kernels.maxflow import build_layered_graph
+
         self.graph = build_layered_graph(transitions, readout)
         self.first_layer = transitions[0]
 
     def __call__(self, sinks: Sequence[int]) -> np.ndarray:
+        from ..kernels.maxflow import flows_to_sinks
+
         return flows_to_sinks(self.graph, self.first_layer[:, np.asarray(sinks, dtype=np.int64)])
 
 
 FLOW_SOLVERS: dict[str, type] = {"dinic": DinicFlow, "networkx": NetworkxFlow}
 SOLVERS: tuple[str, ...] = tuple(FLOW_SOLVERS)
+SOLVER = Param("solver", str, "dinic", "Max-flow solver: dinic (exact, compiled) or networkx (the reference, "
+               "minutes per image).", choices=SOLVERS)
 
 
 def check_solver(solver: str) -> str:
-    if solver not in FLOW_SOLVERS:
-        raise ValueError(f"unknown flow solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    return solver
+    return SOLVER.parse(solver, "flow solver")
 
 
 def flow_values(transitions: np.ndarray, readout: np.ndarray, sinks: Sequence[int], solver: str = "dinic",
@@ -92,6 +99,10 @@ def flow_values(transitions: np.ndarray, readout: np.ndarray, sinks: Sequence[in
 def attention_flow(transitions: Sequence[Tensor], readout: Tensor, layout: TokenLayout, solver: str = "dinic",
                    on_flows: Callable[[int, int], None] = lambda done, total: None) -> Tensor:
     """Flow masks ``(B, gh, gw)`` from per-layer transition matrices ``L × (B, N, N)`` (block 1 first)."""
+    import torch
+
+    from .rollout_steps import to_mask
+
     stacked = torch.stack([t.detach().double().cpu() for t in transitions], dim=1).numpy()  # (B, L, N, N)
     weights = readout.detach().double().cpu().numpy()
     sinks = range(layout.num_prefix_tokens, layout.num_tokens)
@@ -99,3 +110,28 @@ def attention_flow(transitions: Sequence[Tensor], readout: Tensor, layout: Token
     for b in range(stacked.shape[0]):
         values[b, layout.num_prefix_tokens:] = flow_values(stacked[b], weights[b], sinks, solver, on_flows=on_flows)
     return to_mask(torch.from_numpy(values), layout).float()
+
+
+@register_method
+class AttentionFlow(RolloutExplainer):
+    """Attention Flow: max-flow through the layer graph."""
+
+    name = "flow"
+    summary = "Attention Flow (Abnar & Zuidema 2020): max-flow from the readout down the layer graph to each patch."
+    description = ("Edges between consecutive layers carry the same residual, row-normalised fused attention that "
+                   "rollout multiplies; a patch's value is the maximum flow that reaches it. Exact (--solver dinic, "
+                   "compiled; or the networkx reference). Overlays are contrast-stretched by default.")
+    params = (FUSION, DISCARD_RATIO, SOLVER)
+    stretch_overlay = True  # flow values are high almost everywhere; the contrast is in the differences
+
+    def head_maps(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
+        return list(capture.attentions)
+
+    def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
+        import torch
+
+        from .rollout_steps import transitions_by_ratio
+
+        layout, fused = capture.layout, self.fused_layers(capture, gradients)
+        return torch.stack([attention_flow(t, capture.readout, layout, self.settings["solver"], self.on_progress)
+                            for t in transitions_by_ratio(fused, discard_ratios, layout)], dim=1)

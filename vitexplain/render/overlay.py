@@ -1,41 +1,15 @@
-"""Colormaps and heatmap overlays, in numpy and a small compiled blend (no matplotlib or OpenCV)."""
+"""Heatmap overlays, contact sheets and labels: numpy, Pillow and the compiled blend
+(:mod:`vitexplain.kernels.blend`)."""
 from __future__ import annotations
 
 import math
 from functools import lru_cache
 
-import numba
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
-
-# Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
-# viridis / inferno / turbo anchors are sampled from the published colormaps.
-COLORMAP_ANCHORS: dict[str, tuple[str, ...]] = {
-    "jet": ("#00007f", "#0000ff", "#007fff", "#00ffff", "#7fff7f", "#ffff00", "#ff7f00", "#ff0000", "#7f0000"),
-    "viridis": ("#440154", "#482878", "#3e4989", "#31688e", "#26828e", "#1f9e89", "#35b779", "#6ece58", "#b5de2b", "#fde725"),
-    "inferno": ("#000004", "#1b0c41", "#4a0c6b", "#781c6d", "#a52c60", "#cf4446", "#ed6925", "#fb9b06", "#f7d13d", "#fcffa4"),
-    "turbo": ("#30123b", "#4145ab", "#4675ed", "#39a2fc", "#1bcfd4", "#24eca6", "#61fc6c", "#a4fc3b", "#d1e834",
-              "#f3c63a", "#fe9b2d", "#f36315", "#d93806", "#b11901", "#7a0403"),
-    "gray": ("#000000", "#ffffff"),
-}
-COLORMAPS: tuple[str, ...] = tuple(COLORMAP_ANCHORS)
-
-
-@lru_cache(maxsize=16)
-def colormap_table(name: str, size: int = 256) -> np.ndarray:
-    """A ``(size, 3)`` uint8 lookup table for colormap ``name`` (read-only, computed once)."""
-    if name not in COLORMAP_ANCHORS:
-        raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
-    anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in COLORMAP_ANCHORS[name]], dtype=np.float64)
-    stops = np.linspace(0.0, 1.0, len(anchors))
-    levels = np.linspace(0.0, 1.0, size)
-    table = np.stack([np.interp(levels, stops, anchors[:, c]) for c in range(3)], axis=1)
-    table = np.round(table).astype(np.uint8)
-    table.setflags(write=False)
-    return table
-
+from ..kernels.blend import blend_heat
+from .colormaps import colormap_table
 
 def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For each of ``target`` samples, the two source samples and the weight of the second: bilinear
@@ -45,7 +19,7 @@ def bilinear_taps(source: int, target: int) -> tuple[np.ndarray, np.ndarray, np.
     return low, np.minimum(low + 1, source - 1), (centres - low).astype(np.float32)
 
 
-def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+def upsample_masks(masks: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of ``(R, gh, gw)`` masks to ``size`` (H, W), clipped to [0, 1] (float32, two taps
     per axis, rows first: the same arithmetic as the compiled overlay)."""
     masks = np.asarray(masks, dtype=np.float32)
@@ -54,59 +28,13 @@ def upsample_masks(masks: np.ndarray | torch.Tensor, size: tuple[int, int]) -> n
     return np.clip(rows[:, :, x0] * (1 - fx) + rows[:, :, x1] * fx, 0.0, 1.0)
 
 
-@numba.njit(nogil=True, cache=True)
-def _packed_rgb(red, green, blue):
-    """Three 16-bit lanes of one uint64: ``red | green << 16 | blue << 32``."""
-    return np.uint64(red) | (np.uint64(green) << np.uint64(16)) | (np.uint64(blue) << np.uint64(32))
-
-
-@numba.njit(nogil=True, cache=True)
-def _blend_heat(image, masks, y_taps, x_taps, table, weight):
-    """``(R, H, W, 3)``: ``round(((256 − w)·image + w·table[round(255·v)]) / 256)`` per frame and pixel,
-    ``v`` the mask upsampled as in :func:`upsample_masks`.
-
-    Row by row: the image's share ``(256 − w)·image`` once for all frames, then per frame the row's colour
-    levels (float arithmetic alone, vectorised) and the blend. Both shares are packed as three 16-bit lanes
-    of a uint64 (each lane's sum is at most 255·256 + 128 < 2¹⁶, so one addition blends all three
-    channels without carries)."""
-    (y0, y1, fy), (x0, x1, fx) = y_taps, x_taps
-    height, width = image.shape[:2]
-    frames, _, columns = masks.shape
-    out = np.empty((frames, height, width, 3), dtype=np.uint8)
-    keep = 256 - weight
-    heat = np.empty(256, dtype=np.uint64)  # the colour's share of each level, rounding included
-    for level in range(256):
-        heat[level] = _packed_rgb(table[level, 0] * weight + 128, table[level, 1] * weight + 128,
-                                  table[level, 2] * weight + 128)
-    shares = np.empty(width, dtype=np.uint64)
-    row = np.empty(columns, dtype=np.float32)
-    levels = np.empty(width, dtype=np.int32)
-    one, eight = np.float32(1.0), np.uint64(8)
-    for y in range(height):
-        for x in range(width):
-            shares[x] = _packed_rgb(image[y, x, 0] * keep, image[y, x, 1] * keep, image[y, x, 2] * keep)
-        for r in range(frames):
-            for j in range(columns):
-                row[j] = masks[r, y0[y], j] * (one - fy[y]) + masks[r, y1[y], j] * fy[y]
-            for x in range(width):
-                value = row[x0[x]] * (one - fx[x]) + row[x1[x]] * fx[x]
-                value = min(one, max(np.float32(0.0), value))
-                levels[x] = int(value * np.float32(255.0) + np.float32(0.5))
-            for x in range(width):
-                blended = (shares[x] + heat[levels[x]]) >> eight
-                out[r, y, x, 0] = blended & 0xFF
-                out[r, y, x, 1] = (blended >> np.uint64(16)) & 0xFF
-                out[r, y, x, 2] = (blended >> np.uint64(32)) & 0xFF
-    return out
-
-
 def stretch_contrast(mask: np.ndarray) -> np.ndarray:
     """Rescale ``mask`` linearly so its minimum maps to 0 and its maximum to 1 (a constant mask maps to 0)."""
     low, high = float(mask.min()), float(mask.max())
     return (mask - low) / (high - low) if high > low else np.zeros_like(mask)
 
 
-def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+def overlays(image: np.ndarray, masks: np.ndarray, colormap: str = "jet", alpha: float = 0.5,
              stretch: bool = False) -> np.ndarray:
     """``(1 − alpha)·image + alpha·colormap(mask)`` at the image's own size for each of ``(R, gh, gw)``
     masks: uint8 ``(R, H, W, 3)``.
@@ -121,11 +49,22 @@ def overlays(image: np.ndarray, masks: np.ndarray | torch.Tensor, colormap: str 
         values = np.stack([stretch_contrast(mask) for mask in values])
     height, width = image.shape[:2]
     taps = bilinear_taps(values.shape[-2], height), bilinear_taps(values.shape[-1], width)
-    return _blend_heat(np.ascontiguousarray(image), np.ascontiguousarray(values), *taps,
+    return blend_heat(np.ascontiguousarray(image), np.ascontiguousarray(values), *taps,
                        colormap_table(colormap).astype(np.int32), round(alpha * 256))
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, colormap: str = "jet", alpha: float = 0.5,
+def blend_reference(image: np.ndarray, masks: np.ndarray, colormap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+    """What :func:`overlays` computes (without ``stretch``), in plain numpy: per frame and pixel
+    ``⌊((256 − w)·image + w·table[⌊255·v + ½⌋] + 128) / 256⌋`` with ``w = round(256·alpha)`` and ``v`` the
+    mask upsampled by :func:`upsample_masks`."""
+    weight = round(alpha * 256)
+    values = upsample_masks(masks, image.shape[:2])
+    levels = (values * np.float32(255.0) + np.float32(0.5)).astype(np.int64)
+    colours = colormap_table(colormap).astype(np.int64)[levels]
+    return (((256 - weight) * image.astype(np.int64)[None] + weight * colours + 128) >> 8).astype(np.uint8)
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, colormap: str = "jet", alpha: float = 0.5,
             stretch: bool = False) -> np.ndarray:
     """:func:`overlays` for one ``(gh, gw)`` mask: uint8 ``(H, W, 3)``."""
     return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]

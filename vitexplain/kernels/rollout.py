@@ -10,9 +10,9 @@ layer gives every ``t_r``. The readout row is then updated without ever forming 
     v'_j = Σ_i u_i (F_ij [kept_ij] + δ_ij),   u_i = v_i / (1 + Σ_j F_ij [kept_ij]),
 
 two dense, vectorisable passes over each row per ratio, in parallel over
-(image, ratio). The result equals :func:`vitexplain.methods.base.rollout_masks`
-(tested, ties included); on CPU it is ~10× faster for one ratio, and it is what makes
-a 20-ratio sweep cheap.
+(image, ratio). A leaf below the plain torch reference,
+:func:`vitexplain.methods.rollout_steps.rollout_masks_torch`, which it equals (tested, ties included);
+:func:`vitexplain.methods.rollout_steps.rollout_masks` uses it for CPU tensors.
 """
 from __future__ import annotations
 
@@ -20,10 +20,6 @@ from typing import Sequence
 
 import numba
 import numpy as np
-import torch
-from torch import Tensor
-
-from .base import TokenLayout, discard_count, rollout_masks_torch, to_mask
 
 FAST = {"reassoc", "contract", "nsz", "arcp"}  # no 'ninf': thresholds may be -inf
 
@@ -327,25 +323,14 @@ def _roll_selecting(maps, count, protected, readout):
     return out
 
 
-def rollout_masks_by_ratio(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
-                           discard_ratios: Sequence[float]) -> Tensor:
-    """Masks ``(B, R, gh, gw)``, one per discard ratio, from fused maps ``L × (B, N, N)`` (CPU tensors)."""
-    maps = tuple(np.ascontiguousarray(f.float().numpy()) for f in fused)  # L × (B, N, N), no copy if already so
-    batch, n, _ = maps[0].shape
-    counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
-    protected = np.zeros(n, dtype=np.bool_)
-    protected[list(layout.protected_tokens)] = True
-    readout_rows = readout.float().cpu().numpy()
+def rollout_rows(maps: tuple[np.ndarray, ...], counts: np.ndarray, protected: Sequence[int],
+                 readout: np.ndarray) -> np.ndarray:
+    """Readout rows ``(B, R, N)`` after rolling out fused maps ``L × (B, N, N)`` (float32, C-contiguous)
+    with each layer's ``counts[r]`` smallest entries discarded (protected diagonal entries never):
+    ``rᵀ Â_L ⋯ Â_1`` for each count, unscaled. ``readout`` is ``(B, N)`` float32."""
+    n = maps[0].shape[-1]
+    is_protected = np.zeros(n, dtype=np.bool_)
+    is_protected[list(protected)] = True
     if len(counts) == 1:
-        values = _roll_selecting(maps, counts[0], protected, readout_rows)
-    else:
-        values = _roll(maps, *layer_thresholds(maps, counts, layout.protected_tokens), protected, readout_rows)
-    masks = to_mask(torch.from_numpy(values).reshape(batch * len(discard_ratios), n), layout)
-    return masks.float().view(batch, len(discard_ratios), *layout.grid)
-
-
-def rollout_masks(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout, discard_ratios: Sequence[float]) -> Tensor:
-    """Masks ``(B, R, gh, gw)``, one per discard ratio: the compiled kernel on CPU, torch elsewhere."""
-    if fused[0].device.type == "cpu":
-        return rollout_masks_by_ratio(fused, readout, layout, discard_ratios)
-    return rollout_masks_torch(fused, readout, layout, discard_ratios)
+        return _roll_selecting(maps, int(counts[0]), is_protected, readout)
+    return _roll(maps, *layer_thresholds(maps, counts, protected), is_protected, readout)

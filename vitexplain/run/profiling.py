@@ -4,8 +4,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
-from contextlib import contextmanager, nullcontext
-from typing import ContextManager, Iterator
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -42,8 +42,3 @@ class StageTimer:
             if self._cuda:
                 torch.cuda.synchronize()
             self.add(stage, time.perf_counter() - started)
-
-
-def no_timer(stage: str) -> ContextManager[None]:
-    """The timer used when not profiling: times nothing."""
-    return nullcontext()

@@ -6,7 +6,7 @@ prediction from the left, upper and upper-left bytes, modulo 256. On photographs
 that leaves small residuals whose byte entropy is about half of the raw data's, and one dynamic Huffman
 code over the residuals (RFC 1951 block type 2, literals only, no string matching) makes files 7–13%
 smaller than Pillow's at zlib level 1. The codes are written a byte pair at a time, from a table of all
-65,536 pairs' codes, without a branch (:func:`write_pairs`). Written here, like :mod:`vitexplain.gif`, so
+65,536 pairs' codes, without a branch (:func:`write_pairs`). Written here, like :mod:`vitexplain.io.codecs.gif`, so
 that the whole file is coded without holding the GIL (numba, ``nogil``): ~14× faster than Pillow's PNG
 encoder at zlib level 1 and ~7× faster than at level 0 (no compression; Pillow tries all five filters on
 every row before zlib runs) — 1.1 ms for a 0.23-megapixel overlay, of which coding takes 0.3. Decoders
@@ -156,7 +156,7 @@ def pair_code_table(codes, lengths):
 @numba.njit(nogil=True, cache=True)
 def write_pairs(out, position, bits, count, data, pair_codes, pair_lengths):
     """Append the codes of ``data``'s whole byte pairs to the ``count`` (< 32) bits held in ``bits``
-    (:func:`vitexplain.bits.write_word_bits`): one table lookup per two bytes and no branch, so the bit
+    (:func:`vitexplain.io.codecs.bits.write_word_bits`): one table lookup per two bytes and no branch, so the bit
     count is the only chain from one step to the next."""
     held, pending, at = np.uint64(bits), np.uint64(count), np.uint64(position)  # unsigned: no negative-index checks
     for index in range(data.size // 2):

@@ -5,7 +5,7 @@ frame a graphic-control block with its delay and an image block); the pixels of 
 with variable-width codes (9 to 12 bits, least significant bit first, a clear code when the 4,096 codes
 run out), as the GIF89a specification describes. Written here so that the whole GIF is coded without
 holding the GIL (numba, ``nogil``): sweeps are then written by threads, not processes. The palette comes
-from :mod:`vitexplain.palette`. For 20 frames of a bundled photo's sweep (256 px), 5.0 ms per GIF in
+from :mod:`vitexplain.io.codecs.palette`. For 20 frames of a bundled photo's sweep (256 px), 5.0 ms per GIF in
 all (quantisation 1.9, LZW 2.6, frames coded two at a time) where Pillow's palette and mapping with the
 earlier probed-hash coder took 12.5. Decoders agree exactly (tested against Pillow's and imageio's readers).
 """
@@ -150,7 +150,7 @@ def sub_blocks(data: np.ndarray) -> bytes:
 
 def encode_gif(frames: np.ndarray, delay_ms: float) -> bytes:
     """An endlessly looping GIF of ``(R, H, W, 3)`` uint8 frames, ``delay_ms`` per frame, one shared palette
-    (:func:`vitexplain.palette.quantize`)."""
+    (:func:`vitexplain.io.codecs.palette.quantize`)."""
     frames = np.asarray(frames)
     height, width = frames.shape[1:3]
     palette, indexed = quantize(frames)

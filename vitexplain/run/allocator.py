@@ -17,6 +17,7 @@ glibc's defaults, 41 with these settings; peak RSS over 2,000 images 1.006× tha
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
@@ -24,7 +25,9 @@ MMAP_THRESHOLD_BYTES = 256 << 20
 TRIM_THRESHOLD_BYTES = 512 << 20
 
 
+@lru_cache(maxsize=1)
 def _glibc() -> ctypes.CDLL | None:
+    """glibc, loaded on first use (``None`` elsewhere)."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
@@ -33,22 +36,21 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-_LIBC = _glibc()
-
-
 def keep_heap_memory() -> bool:
     """Keep freed blocks on the heap for reuse (process-wide; inherited by forked workers).
     Returns whether the setting took effect."""
-    if _LIBC is None:
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
-        _LIBC.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(
+        libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def trim_heap() -> None:
     """Hand the heap's free memory back to the OS now."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 class PeriodicTrim:

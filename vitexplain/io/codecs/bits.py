@@ -1,5 +1,5 @@
 """Bit packing, least significant bit first, as GIF's LZW codes and DEFLATE's fields are stored
-(shared by the compiled coders in :mod:`vitexplain.gif` and :mod:`vitexplain.png`)."""
+(shared by the compiled coders in :mod:`vitexplain.io.codecs.gif` and :mod:`vitexplain.io.codecs.png`)."""
 from __future__ import annotations
 
 import numba

@@ -1,0 +1,79 @@
+"""A whole run, as the command line does it and as Python code can: check everything, then explain.
+
+:func:`prepare` checks every option before any weights are loaded (raising ``ValueError``,
+:class:`~vitexplain.models.ModelChoiceError` or :class:`~vitexplain.io.outputs.OutputError`), builds the
+:class:`~vitexplain.run.request.Request`, finds the inputs and what is still to do; :func:`execute`
+loads the model and streams the images through :func:`~vitexplain.run.pipeline.explain_paths`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..io.inputs import Failure, find_images
+from ..io.outputs import OutputWriter, pending_outputs
+from ..methods.base import Param
+from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_synonyms_for, plan_model, resolve_class
+from .options import RenderOptions, SweepOptions
+from .pipeline import RunSummary, explain_paths
+from .request import Request
+from .runtime import default_workers, resolve_device
+
+
+@dataclass
+class Job:
+    """A run checked before any weights are loaded: its request, inputs, and what is left to do."""
+
+    request: Request
+    plan: ModelPlan
+    paths: list[Path]  # every usable input
+    input_failures: list[Failure]
+    writer: OutputWriter
+    device: torch.device
+    todo: list[Path] = field(default_factory=list)  # inputs with an output still to write
+    done: set[tuple[str, int]] = field(default_factory=set)  # outputs complete already
+
+    @property
+    def skipped(self) -> int:
+        return len(self.paths) - len(self.todo)
+
+
+def prepare(method: str, inputs: Sequence[str | Path], out: str | Path, model: str = DEFAULT_MODEL,
+            checkpoint: str | Path | None = None, classes: Sequence[str | int] | None = None,
+            render: RenderOptions | None = None, sweep: SweepOptions | None = None, stretch: bool | None = None,
+            amp: bool = False, device: str = "auto", overwrite: bool = False, pretrained: bool = True,
+            param_label: Callable[[Param], str] = lambda p: p.name, **params: Any) -> Job:
+    """Check the whole request and find the work: usage errors raise before any weights are loaded.
+    ``classes`` are indices or names; ``params`` the method's parameters; ``overwrite`` redoes outputs that
+    are complete already."""
+    target = resolve_device(device)
+    out = Path(out)
+    writer = OutputWriter(out)  # proves --out writable
+    plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained)
+    synonyms = class_synonyms_for(plan.num_classes)
+    targets = tuple(resolve_class(c, synonyms) for c in classes) if classes else None
+    request = Request.create(method, plan, targets, render, sweep, amp, stretch, param_label, **params)
+    paths, input_failures = find_images(inputs, exclude=out)
+    if overwrite:
+        writer.forget(request.key, paths)
+    todo, done = pending_outputs(writer, request.key, request.outputs_per_image, paths)
+    return Job(request, plan, paths, input_failures, writer, target, todo, done)
+
+
+def execute(job: Job, batch_size: int = 8, num_workers: int | None = None, **callbacks) -> RunSummary:
+    """Record the inputs that could not be used, then load the model and explain what is left (callbacks:
+    see :func:`~vitexplain.run.pipeline.explain_paths`). Raises :class:`~vitexplain.models.ModelLoadError`
+    if the weights cannot be had."""
+    record = job.request.record()
+    for failure in job.input_failures:
+        job.writer.record_failure(failure.path, failure.reason, record)
+    if not job.todo:
+        return RunSummary()
+    network = build_model(job.plan).to(job.device)
+    workers = default_workers(job.device) if num_workers is None else num_workers
+    workers = min(workers, max(0, len(job.todo) - 1))  # more processes than images would only idle
+    return explain_paths(job.request, network, job.todo, job.writer, batch_size, workers, job.device,
+                         skip=job.done, **callbacks)
