@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 from vitexplain import capture_attention, load_model, preprocessing_for
-from vitexplain.data import load_rgb, to_model_input
-from vitexplain.methods.base import fuse_layers, transition_matrices
+from vitexplain.io.inputs import load_rgb
+from vitexplain.run.loader import to_model_input
+from vitexplain.methods.rollout_steps import fuse_layers, transition_matrices
 from vitexplain.methods.flow import DinicFlow, NetworkxFlow
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

@@ -13,18 +13,21 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitexplain.openmp import shorten_spin_wait
+from vitexplain.run.openmp import shorten_spin_wait
 
 shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads: every run below gets it
 
 import torch  # noqa: E402
 
 from vitexplain import AttentionRollout, load_model, preprocessing_for
-from vitexplain.data import find_images
+from vitexplain.io.inputs import find_images
 from vitexplain.models import class_names_for
-from vitexplain.pipeline import RenderOptions, Request, SweepOptions, explain_paths, resolve_device
-from vitexplain.sweep import parse_ratios
-from vitexplain.writer import OutputWriter
+from vitexplain.run.options import RenderOptions, SweepOptions
+from vitexplain.run.request import Request
+from vitexplain.run.pipeline import explain_paths
+from vitexplain.run.runtime import resolve_device
+from vitexplain.run.options import parse_ratios
+from vitexplain.io.outputs import OutputWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vitexplain.openmp import shorten_spin_wait
+from vitexplain.run.openmp import shorten_spin_wait
 
 shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads: every run below gets it
 
@@ -31,12 +31,16 @@ import torch  # noqa: E402
 from PIL import Image
 
 from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
-from vitexplain.allocator import keep_heap_memory
-from vitexplain.cli import amp_dtype, default_workers
-from vitexplain.data import find_images, make_loader
+from vitexplain.run.allocator import keep_heap_memory
+from vitexplain.run.runtime import amp_dtype, default_workers
+from vitexplain.io.inputs import find_images
+from vitexplain.run.loader import make_loader
 from vitexplain.models import class_names_for
-from vitexplain.pipeline import RenderOptions, Request, explain_paths, resolve_device
-from vitexplain.writer import OutputWriter
+from vitexplain.run.options import RenderOptions
+from vitexplain.run.request import Request
+from vitexplain.run.pipeline import explain_paths
+from vitexplain.run.runtime import resolve_device
+from vitexplain.io.outputs import OutputWriter
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"

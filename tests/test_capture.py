@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from vitexplain import AttentionRollout, GradientRollout, capture_attention, load_model, preprocessing_for
-from vitexplain.capture import attention_modules, explicit_attention, has_native_kernel
+from vitexplain.capture.record import attention_modules, explicit_attention
+from vitexplain.capture.native import has_native_kernel
 
 # (model name, create_model kwargs, prefix tokens, grid, protected readout tokens)
 ARCHITECTURES = [

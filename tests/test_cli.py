@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import imageio.v3 as iio
 import numpy as np
@@ -12,7 +14,8 @@ from typer.testing import CliRunner
 from conftest import write_image
 from vitexplain import AttentionRollout, GradientRollout, preprocessing_for
 from vitexplain.cli import app
-from vitexplain.data import load_rgb, to_model_input
+from vitexplain.io.inputs import load_rgb
+from vitexplain.run.loader import to_model_input
 
 runner = CliRunner()
 
@@ -48,7 +51,8 @@ def test_rollout_writes_overlays_raw_masks_and_manifest(tmp_path, folder, save_t
     explainer = AttentionRollout(model.eval(), "max", 0.5)
     prep = preprocessing_for(model)
     for entry in entries:
-        assert entry["method"] == "rollout" and entry["fusion"] == "max" and entry["discard_ratio"] == 0.5
+        request = entry["request"]
+        assert request["method"] == "rollout" and request["params"] == {"fusion": "max", "discard_ratio": 0.5}
         assert entry["target"] is None and entry["predicted_name"] == f"class_{entry['predicted']}"
         original = load_rgb(entry["input"])
         assert iio.imread(entry["overlay"]).shape == original.shape  # drawn at the image's own size
@@ -56,10 +60,12 @@ def test_rollout_writes_overlays_raw_masks_and_manifest(tmp_path, folder, save_t
         assert raw.dtype == np.float32 and raw.shape == (10, 10)
         expected = explainer(to_model_input(original, prep)[None])[0].numpy()
         np.testing.assert_allclose(raw, expected, rtol=1e-5, atol=1e-6)
-        assert entry["overlay"].endswith("_rollout_max_d0.5.png")
-    names = sorted(e["overlay"].rsplit("/", 1)[1] for e in entries)
-    assert names[2] == "dog_rollout_max_d0.5.png"
-    assert all(n.startswith("cat-") for n in names[:2])
+        assert entry["overlay"] == str(out / f"{entry['name']}.png") and entry["raw"] == str(out / f"{entry['name']}.npy")
+    names = sorted(e["name"] for e in entries)
+    # the first cat (in path order) gets the plain name, the second its identity's hash after it
+    assert names[1:] == ["cat_rollout_max_d0.5", "dog_rollout_max_d0.5"]
+    assert re.fullmatch(r"cat_rollout_max_d0\.5-[0-9a-f]{8}", names[0])
+    assert {Path(e["input"]).name: e["name"] for e in entries}["cat.png"] == "cat_rollout_max_d0.5"
     assert "3 images → 3 outputs" in result.output
 
 
@@ -85,7 +91,7 @@ def test_grad_rollout_one_output_per_class(tmp_path, folder, save_test_vit):
 
 def test_flow_command_matches_the_api_and_stretches_overlays(tmp_path, folder, save_test_vit):
     from vitexplain import AttentionFlow
-    from vitexplain.render import overlay
+    from vitexplain.render.overlay import overlay
 
     model, checkpoint = save_test_vit()
     out = tmp_path / "out"
@@ -94,7 +100,7 @@ def test_flow_command_matches_the_api_and_stretches_overlays(tmp_path, folder, s
                     "--discard-ratio", "0.5", "--save-raw", "--colormap", "gray")
     assert result.exit_code == 0, result.output
     (entry,) = manifest(out)
-    assert entry["method"] == "flow" and entry["overlay"].endswith("dog_flow_mean_d0.5.png")
+    assert entry["request"]["method"] == "flow" and entry["overlay"].endswith("dog_flow_mean_d0.5.png")
     original = load_rgb(image_path)
     expected = AttentionFlow(model.eval(), discard_ratio=0.5)(to_model_input(original, preprocessing_for(model))[None])[0]
     np.testing.assert_allclose(np.load(entry["raw"]), expected.numpy(), rtol=1e-5, atol=1e-6)

@@ -7,10 +7,12 @@ import torch
 
 from conftest import BOTH_IMAGE, DEIT_WEIGHTS, needs_shared, random_attention
 from vitexplain import AttentionFlow, capture_attention, load_model, preprocessing_for
-from vitexplain.data import load_rgb, to_model_input
-from vitexplain.methods.base import TokenLayout, add_residual, discard_lowest, fuse_layers, transition_matrices
+from vitexplain.io.inputs import load_rgb
+from vitexplain.run.loader import to_model_input
+from vitexplain.capture.tokens import TokenLayout
+from vitexplain.methods.rollout_steps import add_residual, discard_lowest, fuse_layers, transition_matrices
 from vitexplain.methods.flow import attention_flow, check_solver, flow_values
-from vitexplain.methods.maxflow import build_layered_graph
+from vitexplain.kernels.maxflow import build_layered_graph
 
 
 def random_transitions(layers: int, n: int, ratio: float, seed: int) -> np.ndarray:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitexplain.gif import encode_gif, lzw_codes, sub_blocks
-from vitexplain.palette import quantize
+from vitexplain.io.codecs.gif import encode_gif, lzw_codes, sub_blocks
+from vitexplain.io.codecs.palette import quantize
 
 RNG = np.random.default_rng(0)
 FRAMES = {

@@ -6,10 +6,13 @@ import pytest
 import torch
 
 from conftest import random_attention
-from vitexplain.methods import TokenLayout, attention_rollout, fuse_heads, gradient_rollout
-from vitexplain.methods.base import (add_residual, discard_by_ratio, discard_lowest, rollout_masks_torch, rollout_readout,
-                                     to_mask)
-from vitexplain.methods.rollout_kernel import layer_thresholds, rollout_masks, select_threshold
+from vitexplain.capture.tokens import TokenLayout
+from vitexplain.methods.rollout import attention_rollout
+from vitexplain.capture.fusion import fuse_heads
+from vitexplain.methods.grad_rollout import gradient_rollout
+from vitexplain.methods.rollout_steps import add_residual, discard_by_ratio, discard_lowest, rollout_masks_torch, rollout_readout, to_mask
+from vitexplain.kernels.rollout import layer_thresholds, select_threshold
+from vitexplain.methods.rollout_steps import rollout_masks
 
 CLS = TokenLayout(num_prefix_tokens=1, grid=(1, 2), protected_tokens=(0,))
 E0 = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)

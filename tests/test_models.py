@@ -6,8 +6,7 @@ import timm
 import torch
 
 from conftest import DEIT_WEIGHTS, needs_shared
-from vitexplain.models import (ModelLoadError, check_model_name, class_names_for, class_synonyms_for, load_model,
-                               preprocessing_for, read_state_dict, resolve_class)
+from vitexplain.models import ModelLoadError, check_model_name, class_names_for, class_synonyms_for, load_model, preprocessing_for, read_state_dict, resolve_class
 
 
 @pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "ddp"])

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitexplain.data import load_rgb
-from vitexplain.palette import (CELLS, FAR, LEVELS, UNSET, best_cut, cell_histogram, level_histograms, median_cut,
+from vitexplain.io.inputs import load_rgb
+from vitexplain.io.codecs.palette import (CELLS, FAR, LEVELS, UNSET, best_cut, cell_histogram, level_histograms, median_cut,
                                 nearest, palette_indices, quantize, sample_step, SAMPLE_SIZE)
-from vitexplain.sweep import sweep_frames
+from vitexplain.render.sweep import sweep_frames
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 RNG = np.random.default_rng(0)

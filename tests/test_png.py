@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vitexplain.data import load_rgb
-from vitexplain.bits import SLACK, write_bits, written
-from vitexplain.png import (
+from vitexplain.io.inputs import load_rgb
+from vitexplain.io.codecs.bits import SLACK, write_bits, written
+from vitexplain.io.codecs.png import (
     MAX_CODE_BITS, canonical_codes, deflate_literals, encode_png, huffman_lengths, pair_code_table, paeth_rows,
     write_pairs)
-from vitexplain.render import overlay
+from vitexplain.render.overlay import overlay
 
 RNG = np.random.default_rng(0)
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples" / "images").iterdir())

@@ -6,7 +6,8 @@ import torch
 
 from conftest import BOTH_IMAGE, DEIT_WEIGHTS, needs_shared
 from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
-from vitexplain.data import load_rgb, to_model_input
+from vitexplain.io.inputs import load_rgb
+from vitexplain.run.loader import to_model_input
 
 pytestmark = needs_shared
 BULL_MASTIFF, TIGER_CAT = 243, 282

@@ -9,10 +9,12 @@ import torch
 from PIL import Image
 
 from conftest import write_image
-from vitexplain.data import DOWNSCALE_GAP, Failure, find_images, to_model_input
+from vitexplain.run.loader import DOWNSCALE_GAP, to_model_input
+from vitexplain.io.inputs import Failure, find_images
 from vitexplain.models import Preprocessing
-from vitexplain.render import COLORMAPS, colormap_table, fit_within, overlay, overlays, upsample_masks
-from vitexplain.writer import encoded_image, format_params, output_stems
+from vitexplain.render.colormaps import COLORMAPS, colormap_table
+from vitexplain.render.overlay import fit_within, overlay, overlays, upsample_masks
+from vitexplain.io.outputs import encoded_image
 
 
 @pytest.mark.parametrize("name", COLORMAPS)
@@ -147,16 +149,6 @@ def test_png_overlays_are_lossless_and_jpeg_close():
             assert np.abs(decoded - rgb).mean() < 10  # quality 90, on a fine 3-pixel checker (JPEG's hard case)
     with pytest.raises(ValueError, match="unknown image format 'gif'"):
         encoded_image(rgb, "gif")
-
-
-def test_output_names():
-    from pathlib import Path
-
-    assert format_params({"fusion": "max", "discard_ratio": 0.9, "target": 243}) == "max_d0.9_c243"
-    assert format_params({"fusion": "mean", "discard_ratio": 0.0, "target": None}) == "mean_d0"
-    stems = output_stems([Path("x/cat.png"), Path("y/cat.png"), Path("y/dog.png")])
-    assert stems[Path("y/dog.png")] == "dog"
-    assert stems[Path("x/cat.png")] != stems[Path("y/cat.png")] and stems[Path("x/cat.png")].startswith("cat-")
 
 
 @pytest.mark.parametrize("resample, gap", [(Image.Resampling.LANCZOS, 2.0), (Image.Resampling.BILINEAR, 2.0),

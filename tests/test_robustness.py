@@ -20,9 +20,10 @@ from typer.testing import CliRunner
 
 from conftest import write_image
 import vitexplain.cli as cli
-import vitexplain.data as data
-from vitexplain.data import load_image, load_rgb
-from vitexplain.png import SIGNATURE, chunk, rgb_header
+import vitexplain.run.job as job
+import vitexplain.io.inputs as data
+from vitexplain.io.inputs import load_image, load_rgb
+from vitexplain.io.codecs.png import SIGNATURE, chunk, rgb_header
 
 runner = CliRunner()
 
@@ -149,7 +150,7 @@ def test_every_bad_input_is_reported_recorded_and_the_rest_processed(tmp_path, u
 
 
 def test_bad_options_fail_before_any_weights_are_loaded(tmp_path, monkeypatch, save_test_vit):
-    monkeypatch.setattr(cli, "build_model", lambda *a, **k: pytest.fail("weights loaded before options were checked"))
+    monkeypatch.setattr(job, "build_model", lambda *a, **k: pytest.fail("weights loaded before options were checked"))
     _, checkpoint = save_test_vit(num_classes=5)
     image = tmp_path / "a.png"
     write_image(image)
@@ -187,7 +188,7 @@ def twelve_images(tmp_path):
 
 def count_explained(monkeypatch) -> list[int]:
     """Patch the explainers to count the images they explain."""
-    from vitexplain.explainers import Explainer
+    from vitexplain.methods.base import Explainer
 
     counted = []
     original = Explainer.explain
@@ -205,7 +206,7 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, twelve_images, sa
     out = tmp_path / "out"
     args = ["rollout", twelve_images, "--model", "test_vit", "--checkpoint", checkpoint, "-o", out, "-b", "1",
             "--save-raw"]
-    real_loader = cli_pipeline_loader = __import__("vitexplain.pipeline", fromlist=["make_loader"])
+    real_loader = cli_pipeline_loader = __import__("vitexplain.run.pipeline", fromlist=["make_loader"])
     original_make_loader = real_loader.make_loader
 
     def interrupted_after_five(*a, **k):
@@ -247,8 +248,8 @@ def test_ctrl_c_stops_between_batches_and_a_second_one_at_once(tmp_path, twelve_
     """A SIGINT that arrives while a batch is read or explained stops the run before the next batch: the
     batch being explained is finished and recorded, one being read is not explained. Two stop at once."""
     _, checkpoint = save_test_vit()
-    import vitexplain.pipeline as pipeline
-    from vitexplain.explainers import Explainer
+    import vitexplain.run.pipeline as pipeline
+    from vitexplain.methods.base import Explainer
 
     original_make_loader, original_explain = pipeline.make_loader, Explainer.explain
     signals_while_reading: dict[int, int] = {}
@@ -287,7 +288,7 @@ def test_ctrl_c_stops_between_batches_and_a_second_one_at_once(tmp_path, twelve_
 
 
 def test_stop_requests_outside_the_main_thread_install_nothing():
-    from vitexplain.interrupts import StopRequests
+    from vitexplain.run.interrupts import StopRequests
 
     handler_before, seen = signal.getsignal(signal.SIGINT), []
 
@@ -306,7 +307,9 @@ def test_loader_workers_ignore_sigint(twelve_images):
 
     paths = sorted(twelve_images.iterdir())
     prep = Preprocessing(size=(16, 16), mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-    batches = iter(data.make_loader(paths, prep, 2, 2, False))
+    from vitexplain.run.loader import make_loader
+
+    batches = iter(make_loader(paths, prep, 2, 2, False))
     read = list(next(batches).paths)
     for worker in batches._workers:
         os.kill(worker.pid, signal.SIGINT)

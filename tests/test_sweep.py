@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import write_image
 from vitexplain import AttentionFlow, AttentionRollout, GradientRollout, load_model
 from vitexplain.cli import app
-from vitexplain.render import contact_sheet
-from vitexplain.sweep import parse_ratios, ratios_tag
+from vitexplain.render.overlay import contact_sheet
+from vitexplain.run.options import parse_ratios, ratios_tag
 
 runner = CliRunner()
 
@@ -71,7 +71,7 @@ def test_sweep_gif_frames_match_single_rollouts(tmp_path, save_test_vit):
     result = runner.invoke(app, ["sweep", str(image), "-o", str(out), "--ratios", "0,0.5,0.9", "--grid", "--fps", "5", *common])
     assert result.exit_code == 0, result.output
     (entry,) = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
-    assert entry["method"] == "rollout" and entry["discard_ratios"] == [0.0, 0.5, 0.9]
+    assert entry["request"]["method"] == "rollout" and entry["request"]["sweep"]["ratios"] == [0.0, 0.5, 0.9]
     assert entry["gif"].endswith("photo_rollout-sweep_max_r0-0.9x3.gif")
     frames = iio.imread(entry["gif"], index=None)
     assert frames.shape[0] == 3 and frames.shape[1:3] == (60, 90)
