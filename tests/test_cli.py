@@ -63,8 +63,8 @@ def test_rollout_writes_overlays_raw_masks_and_manifest(tmp_path, folder, save_t
         assert entry["overlay"] == str(out / f"{entry['name']}.png") and entry["raw"] == str(out / f"{entry['name']}.npy")
     names = sorted(e["name"] for e in entries)
     # the first cat (in path order) gets the plain name, the second its identity's hash after it
-    assert names[1:] == ["cat_rollout_max_d0.5", "dog_rollout_max_d0.5"]
-    assert re.fullmatch(r"cat_rollout_max_d0\.5-[0-9a-f]{8}", names[0])
+    assert names[0] == "cat_rollout_max_d0.5" and names[2] == "dog_rollout_max_d0.5"
+    assert re.fullmatch(r"cat_rollout_max_d0\.5-[0-9a-f]{8}", names[1])
     assert {Path(e["input"]).name: e["name"] for e in entries}["cat.png"] == "cat_rollout_max_d0.5"
     assert "3 images → 3 outputs" in result.output
 
