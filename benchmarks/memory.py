@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 DRIVER = """
 import json, resource, sys
+from vitexplain.run.runtime import configure_process
+configure_process()  # as the console script does
 from vitexplain.cli import app
 try:
     app(sys.argv[1:], standalone_mode=False)

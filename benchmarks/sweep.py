@@ -19,26 +19,23 @@ shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads: every run b
 
 import torch  # noqa: E402
 
-from vitexplain import AttentionRollout, load_model, preprocessing_for
 from vitexplain.io.inputs import find_images
-from vitexplain.models import class_names_for
-from vitexplain.run.options import RenderOptions, SweepOptions
-from vitexplain.run.request import Request
-from vitexplain.run.pipeline import explain_paths
-from vitexplain.run.runtime import resolve_device
-from vitexplain.run.options import parse_ratios
 from vitexplain.io.outputs import OutputWriter
+from vitexplain.models import build_model, plan_model
+from vitexplain.run.options import SweepOptions, parse_ratios
+from vitexplain.run.pipeline import explain_paths
+from vitexplain.run.request import Request
+from vitexplain.run.runtime import resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = ROOT.parent / "shared" / "weights" / "deit_tiny_patch16_224.pth"
 
 
-def timed_run(explainer, paths, prep, names, device, sweep) -> float:
+def timed_run(plan, model, paths, device, sweep) -> float:
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
-        request = Request.of(explainer, sweep=sweep)
-        explain_paths(explainer, paths, prep, OutputWriter(Path(out), paths), names, request, RenderOptions(),
-                      batch_size=8, device=device)
+        request = Request.create("rollout", plan, sweep=sweep, fusion="mean", discard_ratio=0.9)
+        explain_paths(request, model, paths, OutputWriter(Path(out)), batch_size=8, device=device)
         return time.perf_counter() - started
 
 
@@ -50,21 +47,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if WEIGHTS.is_file():
-        model = load_model("deit_tiny_patch16_224", checkpoint=WEIGHTS)
+        plan = plan_model("deit_tiny_patch16_224", checkpoint=WEIGHTS)
     else:
-        model = load_model("deit_tiny_patch16_224", pretrained=False)
+        plan = plan_model("deit_tiny_patch16_224", pretrained=False)
     device = resolve_device("auto")
-    model.to(device)
+    model = build_model(plan).to(device)
     examples, _ = find_images([ROOT / "examples" / "images"])
     paths = [examples[i % len(examples)] for i in range(args.images)]
-    prep, names = preprocessing_for(model), class_names_for(model.num_classes)
-    explainer = AttentionRollout(model, "mean", 0.9)
     sweep = SweepOptions(parse_ratios(args.ratios))
-    timed_run(explainer, paths[:8], prep, names, device, None)  # warm-up
+    timed_run(plan, model, paths[:8], device, None)  # warm-up
     single, swept = [], []
     for _ in range(args.repeats):
-        single.append(timed_run(explainer, paths, prep, names, device, None))
-        swept.append(timed_run(explainer, paths, prep, names, device, sweep))
+        single.append(timed_run(plan, model, paths, device, None))
+        swept.append(timed_run(plan, model, paths, device, sweep))
     print(f"{args.images} images, deit_tiny, {device}, {len(sweep.ratios)} ratios ({args.ratios}), best of {args.repeats}")
     print(f"rollout (one ratio, PNG):      {min(single):7.2f} s  {args.images / min(single):6.1f} images/s")
     print(f"sweep ({len(sweep.ratios)} ratios, GIF):       {min(swept):7.2f} s  {args.images / min(swept):6.1f} images/s")

@@ -310,7 +310,7 @@ def test_loader_workers_ignore_sigint(twelve_images):
     from vitexplain.run.loader import make_loader
 
     batches = iter(make_loader(paths, prep, 2, 2, False))
-    read = list(next(batches).paths)
+    read = list(next(batches).paths) + list(next(batches).paths)  # one batch from each worker: both have started
     for worker in batches._workers:
         os.kill(worker.pid, signal.SIGINT)
     time.sleep(0.5)

@@ -21,12 +21,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Sequence
 
-import numpy as np
-
 from .base import DISCARD_RATIO, FUSION, Param, RolloutExplainer
 from .registry import register_method
 
 if TYPE_CHECKING:
+    import numpy as np
     from torch import Tensor
 
     from ..capture.record import Capture
@@ -38,6 +37,7 @@ class NetworkxFlow:
 
     def __init__(self, transitions: np.ndarray, readout: np.ndarray):
         import networkx as nx
+        import numpy as np
 
         self._maximum_flow_value = nx.maximum_flow_value
         layers = transitions.shape[0]
@@ -51,6 +51,8 @@ class NetworkxFlow:
                                       for i, j, c in zip(rows, cols, matrix[rows, cols]))
 
     def __call__(self, sinks: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
         return np.array([self._maximum_flow_value(self.graph, "source", (0, int(j))) if (0, int(j)) in self.graph else 0.0
                          for j in sinks])
 
@@ -65,6 +67,8 @@ class DinicFlow:
         self.first_layer = transitions[0]
 
     def __call__(self, sinks: Sequence[int]) -> np.ndarray:
+        import numpy as np
+
         from ..kernels.maxflow import flows_to_sinks
 
         return flows_to_sinks(self.graph, self.first_layer[:, np.asarray(sinks, dtype=np.int64)])
@@ -87,6 +91,8 @@ def flow_values(transitions: np.ndarray, readout: np.ndarray, sinks: Sequence[in
     ``transitions`` is ``(L, N, N)`` (block 1 first), ``readout`` ``(N,)``. Sinks are solved in
     chunks; ``on_flows(done, total)`` reports progress after each.
     """
+    import numpy as np
+
     solve = FLOW_SOLVERS[check_solver(solver)](transitions, readout)
     sinks = list(sinks)
     values = []
@@ -99,6 +105,7 @@ def flow_values(transitions: np.ndarray, readout: np.ndarray, sinks: Sequence[in
 def attention_flow(transitions: Sequence[Tensor], readout: Tensor, layout: TokenLayout, solver: str = "dinic",
                    on_flows: Callable[[int, int], None] = lambda done, total: None) -> Tensor:
     """Flow masks ``(B, gh, gw)`` from per-layer transition matrices ``L × (B, N, N)`` (block 1 first)."""
+    import numpy as np
     import torch
 
     from .rollout_steps import to_mask

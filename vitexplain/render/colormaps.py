@@ -1,9 +1,12 @@
-"""Colormaps as lookup tables, from anchor colours (numpy only: the command line lists them in ``--help``)."""
+"""Colormaps as lookup tables, from anchor colours. The names import nothing (``--help`` lists them); numpy
+is imported when a table is first made."""
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
 # Anchor colours, evenly spaced over [0, 1]; values in between are interpolated linearly.
 # viridis / inferno / turbo anchors are sampled from the published colormaps.
@@ -21,6 +24,8 @@ COLORMAPS: tuple[str, ...] = tuple(COLORMAP_ANCHORS)
 @lru_cache(maxsize=16)
 def colormap_table(name: str, size: int = 256) -> np.ndarray:
     """A ``(size, 3)`` uint8 lookup table for colormap ``name`` (read-only, computed once)."""
+    import numpy as np
+
     if name not in COLORMAP_ANCHORS:
         raise ValueError(f"unknown colormap {name!r}; choose one of {', '.join(COLORMAPS)}")
     anchors = np.array([[int(h[i:i + 2], 16) for i in (1, 3, 5)] for h in COLORMAP_ANCHORS[name]], dtype=np.float64)
