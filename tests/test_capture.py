@@ -238,3 +238,36 @@ def test_gradient_rollout_defaults_to_top1_and_honours_targets():
     torch.testing.assert_close(several.masks[:, 1], explanation.masks[:, 0])
     torch.testing.assert_close(GradientRollout(model)(images, target=7), several.masks[:, 0, 0])
     assert not torch.allclose(several.masks[:, 0], several.masks[:, 1])
+
+
+def test_without_the_private_kernel_capture_records_the_same_through_timms_path(monkeypatch):
+    model = load_model("test_vit", pretrained=False)
+    images = images_for(model)
+    with_kernel = capture_attention(model, images, fusion="mean")
+    monkeypatch.delattr(torch, "_native_multi_head_attention")
+    assert not any(has_native_kernel(m) for m in attention_modules(model))
+    without = capture_attention(model, images, fusion="mean")
+    torch.testing.assert_close(without.logits, with_kernel.logits, rtol=1e-5, atol=1e-6)
+    for ours, reference in zip(without.attentions, with_kernel.attentions):
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("change", ["signature", "shapes"])
+def test_a_changed_private_kernel_falls_back_to_timms_path(monkeypatch, change):
+    model = load_model("test_vit", pretrained=False)
+    images = images_for(model)
+    reference = capture_attention(model, images, fusion="max")
+    calls = []
+
+    def changed(*args):
+        calls.append(len(args))
+        if change == "signature":
+            raise TypeError("_native_multi_head_attention() takes 12 positional arguments but 13 were given")
+        return args[0], torch.zeros(1)  # weights of the wrong shape
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", changed)
+    captured = capture_attention(model, images, fusion="max")
+    assert calls == [13]  # tried once; the rest of the capture uses timm's path
+    torch.testing.assert_close(captured.logits, reference.logits, rtol=1e-5, atol=1e-6)
+    for ours, expected in zip(captured.attentions, reference.attentions):
+        torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)

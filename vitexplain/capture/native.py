@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from .fusion import Fusion
+from .support import check_recorded
 
 NATIVE_OP = "_native_multi_head_attention"
 
@@ -30,10 +31,12 @@ def native_op() -> Callable | None:
 
 
 def has_native_kernel(module: nn.Module) -> bool:
-    """Whether ``module`` is timm's plain ``Attention`` (no q/k or output norm, no gate, ``C = H·d`` in and
-    out, the standard scale), which the native kernel computes exactly, and this torch has the kernel."""
+    """Whether ``module`` is timm's plain ``Attention`` (no q/k or output norm, no gate, dropout as its
+    ``attn_drop``, ``C = H·d`` in and out, the standard scale), which the native kernel computes exactly, and
+    this torch has the kernel."""
     plain = type(module) is Attention and "forward" not in vars(module) and all(
-        isinstance(getattr(module, name, None), nn.Identity) for name in ("q_norm", "k_norm", "norm"))
+        isinstance(getattr(module, name, None), nn.Identity) for name in ("q_norm", "k_norm", "norm")) and type(
+        getattr(module, "attn_drop", None)) is nn.Dropout
     return (plain and getattr(module, "gate", None) is None and native_op() is not None
             and type(module.qkv) is nn.Linear and type(module.proj) is nn.Linear and module.proj.bias is not None
             and module.num_heads * module.head_dim == module.qkv.in_features == module.proj.out_features
@@ -81,6 +84,7 @@ def native_recording_forward(module: nn.Module, recorded: list[Tensor], fusion: 
             result = native_attention(module, x, average)
             if result is not None:
                 out, weights = result
+                check_recorded(weights, module)
                 recorded.append(weights.float().unsqueeze(1) if average else keep(weights))
                 return out
             state.failed = True

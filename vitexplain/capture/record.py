@@ -75,12 +75,6 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
             recorded.append(keep(attention))
         return hook
 
-    def checked_keep(module: nn.Module):
-        def kept(attention: Tensor) -> Tensor:
-            check_recorded(attention, module)
-            return keep(attention)
-        return kept
-
     hooks = [m.attn_drop.register_forward_hook(recorder(m)) for m in modules]
     native = [m for m in modules if has_native_kernel(m)]
     state = NativeState()
@@ -88,7 +82,7 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
         if hasattr(module, "fused_attn"):
             module.fused_attn = False
     for module in native:
-        module.forward = native_recording_forward(module, recorded, fusion, checked_keep(module), state)
+        module.forward = native_recording_forward(module, recorded, fusion, keep, state)
     try:
         yield recorded
     finally:

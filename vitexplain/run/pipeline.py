@@ -184,6 +184,8 @@ def explain_paths(
     already computed are finished and recorded, and the summary says ``interrupted``: rerunning the same
     command does the rest. With a ``timer``, wall time is summed per stage (see :mod:`.profiling`).
     """
+    if not isinstance(request, Request):
+        raise TypeError(f"explain_paths takes a Request (which builds the explainer), not {type(request).__name__}")
     summary = RunSummary()
     started = time.perf_counter()
     explainer = request.explainer(model, device)
