@@ -35,7 +35,7 @@ def discard_count(n: int, ratio: float, num_protected: int) -> int:
 
 
 def sorted_values(candidates: Tensor) -> Tensor:
-    """Each row sorted ascending (numpy's vectorised sort on CPU, ~10× torch's there)."""
+    """Each row sorted ascending (numpy's vectorised sort on CPU, torch's elsewhere)."""
     if candidates.device.type == "cpu":
         return torch.from_numpy(np.sort(candidates.numpy(), axis=1))
     return candidates.sort(dim=1).values

@@ -7,12 +7,8 @@ glibc keep them on the heap (blocks under 256 MB; the top of the heap is returne
 512 MB), and :class:`PeriodicTrim` trims the heap explicitly every so many batches, so that resident
 memory stays flat however many images a run streams. :func:`trim_heap` is also called before DataLoader
 workers are forked: forked workers share the parent's heap pages copy-on-write, and every kept page
-the model writes afterwards would fault and be copied, with a TLB flush on every core (3–4 ms of system
-time per image when a process runs one folder after another); free pages handed back are not shared.
-Elsewhere than glibc all three do nothing.
-
-Measured on 2 CPU cores (256 photos, deit-tiny, rollout): 37 images/s trimming after every batch with
-glibc's defaults, 41 with these settings; peak RSS over 2,000 images 1.006× that over 200.
+the model writes afterwards would fault and be copied, with a TLB flush on every core; free pages handed
+back are not shared. Elsewhere than glibc all three do nothing. Measurements: docs/performance.md.
 """
 from __future__ import annotations
 

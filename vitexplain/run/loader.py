@@ -24,8 +24,8 @@ def to_model_input(rgb: np.ndarray | Image.Image, prep: Preprocessing) -> torch.
 
     An image more than ``2·DOWNSCALE_GAP`` times the input size along an axis is first reduced by an
     integer factor (a box filter), so that the resampling filter reads at least ``DOWNSCALE_GAP`` pixels
-    per output pixel: 4× faster from a 12-megapixel photo, and within a level or two of a direct resize
-    (mean difference ~0.2 of 255 levels; a few levels at hard edges). Smaller images are resized directly."""
+    per output pixel, within a level or two of a direct resize (a few levels at hard edges; tested).
+    Smaller images are resized directly."""
     image = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
     height, width = prep.size
     resample = RESAMPLING.get(prep.interpolation, Image.Resampling.BICUBIC)

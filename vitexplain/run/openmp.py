@@ -7,9 +7,7 @@ overlays — and each thread spinning through a gap (the method, Python between 
 that work is waiting for. ``GOMP_SPINCOUNT=20000`` still spans the short gaps between the parallel
 regions of one forward pass, so the model itself does not slow down.
 
-Measured on 2 CPU cores (``benchmarks/throughput.py``: 256 photos, deit-tiny, batch 32, JPEG overlays,
-both settings in the same session): plain inference 57.8 → 69.5 images/s, ``rollout`` end to end
-48.5 → 54.1, forward + backward 29.6 → 33.3, ``grad-rollout`` 27.3 → 29.7.
+What it gained, measured, is in docs/performance.md.
 
 libgomp reads its environment once, when it is loaded (``import torch``), so the CLI calls
 :func:`shorten_spin_wait` before importing torch. A setting of the user's own (``GOMP_SPINCOUNT`` or

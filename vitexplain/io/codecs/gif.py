@@ -5,9 +5,8 @@ frame a graphic-control block with its delay and an image block); the pixels of 
 with variable-width codes (9 to 12 bits, least significant bit first, a clear code when the 4,096 codes
 run out), as the GIF89a specification describes. Written here so that the whole GIF is coded without
 holding the GIL (numba, ``nogil``): sweeps are then written by threads, not processes. The palette comes
-from :mod:`vitexplain.io.codecs.palette`. For 20 frames of a bundled photo's sweep (256 px), 5.0 ms per GIF in
-all (quantisation 1.9, LZW 2.6, frames coded two at a time) where Pillow's palette and mapping with the
-earlier probed-hash coder took 12.5. Decoders agree exactly (tested against Pillow's and imageio's readers).
+from :mod:`vitexplain.io.codecs.palette`. Decoders agree exactly (tested against Pillow's and imageio's
+readers); the speed against Pillow's is in docs/performance.md.
 """
 from __future__ import annotations
 
@@ -125,10 +124,9 @@ def lzw_codes(pixels, other):
     older one in its slot. That is still valid LZW: the decoder assigns a code after every code it reads,
     as the encoder does, whether or not the encoder ever uses it again; the encoder just misses some
     longer matches (streams ~8% longer than with every string kept). In exchange every pixel costs the
-    same few operations with no branch on the match (2.3× faster than a probed hash table). Each pixel's
-    steps depend on the previous pixel's dictionary lookup; two frames coded in one loop give the core two
-    independent chains to overlap, and the codes are packed into bits afterwards (together 3.5 → 2.6 ms for
-    a 20-frame sweep of 256×171 frames)."""
+    same few operations with no branch on the match. Each pixel's steps depend on the previous pixel's
+    dictionary lookup; two frames coded in one loop give the core two independent chains to overlap, and
+    the codes are packed into bits afterwards."""
     if pixels.size == 0:
         raise ValueError("a GIF frame has at least one pixel")
     codes, widths, other_codes, other_widths = _codes_of(pixels, other)

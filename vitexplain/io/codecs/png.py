@@ -7,9 +7,8 @@ that leaves small residuals whose byte entropy is about half of the raw data's, 
 code over the residuals (RFC 1951 block type 2, literals only, no string matching) makes files 7–13%
 smaller than Pillow's at zlib level 1. The codes are written a byte pair at a time, from a table of all
 65,536 pairs' codes, without a branch (:func:`write_pairs`). Written here, like :mod:`vitexplain.io.codecs.gif`, so
-that the whole file is coded without holding the GIL (numba, ``nogil``): ~14× faster than Pillow's PNG
-encoder at zlib level 1 and ~7× faster than at level 0 (no compression; Pillow tries all five filters on
-every row before zlib runs) — 1.1 ms for a 0.23-megapixel overlay, of which coding takes 0.3. Decoders
+that the whole file is coded without holding the GIL (numba, ``nogil``), and with one filter where
+Pillow's encoder tries all five on every row (its speed against Pillow's: docs/performance.md). Decoders
 agree exactly (tested against Pillow's and imageio's readers).
 """
 from __future__ import annotations
