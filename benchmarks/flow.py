@@ -19,7 +19,7 @@ import torch
 
 from vitexplain import capture_attention, load_model, preprocessing_for
 from vitexplain.io.inputs import load_rgb
-from vitexplain.run.loader import to_model_input
+from vitexplain.io.preprocess import to_model_input
 from vitexplain.methods.rollout_steps import fuse_layers, transition_matrices
 from vitexplain.methods.flow import DinicFlow, NetworkxFlow
 

@@ -52,3 +52,22 @@ def write_image(path: Path, size: tuple[int, int] = (48, 64), seed: int = 0) -> 
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path)
     return pixels
+
+
+def build_offline_hf_cache(home: Path, names=("deit_tiny_patch16_224",)) -> Path:
+    """A Hugging Face cache under ``home`` holding timm's default pretrained weights for ``names``, made from
+    the real weights in ``../shared/weights`` (timm's loader reads it with ``HF_HOME=home``, ``HF_HUB_OFFLINE=1``)."""
+    import timm
+    from safetensors.torch import save_file
+
+    commit = "0" * 40
+    for name in names:
+        tag = timm.models.get_pretrained_cfg(name).tag
+        repo = home / "hub" / f"models--timm--{name}.{tag}"
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True, exist_ok=True)
+        state = torch.load(SHARED / "weights" / f"{name}.pth", map_location="cpu", weights_only=True)
+        save_file({key: value.contiguous() for key, value in state.items()}, str(snapshot / "model.safetensors"))
+    return home

@@ -15,7 +15,7 @@ from conftest import write_image
 from vitexplain import AttentionRollout, GradientRollout, preprocessing_for
 from vitexplain.cli import app
 from vitexplain.io.inputs import load_rgb
-from vitexplain.run.loader import to_model_input
+from vitexplain.io.preprocess import to_model_input
 
 runner = CliRunner()
 
@@ -136,7 +136,7 @@ def test_no_hub_gives_one_clear_line(tmp_path, monkeypatch):
     image = tmp_path / "a.png"
     write_image(image)
     result = invoke("rollout", image, "--model", "test_vit", "-o", tmp_path / "out")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # a usage error, found before anything is loaded
     text = " ".join(result.output.split())
     assert "could not get pretrained weights for 'test_vit'" in text and "--checkpoint PATH" in text
     assert "Traceback" not in result.output

@@ -8,7 +8,7 @@ import torch
 from conftest import BOTH_IMAGE, DEIT_WEIGHTS, needs_shared, random_attention
 from vitexplain import AttentionFlow, capture_attention, load_model, preprocessing_for
 from vitexplain.io.inputs import load_rgb
-from vitexplain.run.loader import to_model_input
+from vitexplain.io.preprocess import to_model_input
 from vitexplain.capture.tokens import TokenLayout
 from vitexplain.methods.rollout_steps import add_residual, discard_lowest, fuse_layers, transition_matrices
 from vitexplain.methods.flow import attention_flow, check_solver, flow_values

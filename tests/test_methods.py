@@ -166,16 +166,57 @@ def test_batch_equals_singles():
         torch.testing.assert_close(batched[i:i + 1], single)
 
 
-def test_gradient_rollout_clamps_per_head_before_fusion():
-    # one layer, two heads: A ⊙ G = [+x, -x] per entry: clamping first keeps x/2, fusing first would give 0
+def test_gradient_rollout_fuses_heads_before_removing_negatives():
+    # one layer, two heads; A ⊙ G in row 0 (the CLS row): head 0 [0, -1, +1], head 1 [0, +1, -3] (A = 1/3 everywhere)
     layout = TokenLayout(1, (1, 2), (0,))
     attention = torch.full((1, 2, 3, 3), 1 / 3, dtype=torch.float64)
     gradient = torch.zeros_like(attention)
-    gradient[0, 0, 0, 2], gradient[0, 1, 0, 2] = 3.0, -3.0
-    gradient[0, 0, 0, 1], gradient[0, 1, 0, 1] = -3.0, -3.0
+    gradient[0, 0, 0, 1], gradient[0, 0, 0, 2] = -3.0, 3.0
+    gradient[0, 1, 0, 1], gradient[0, 1, 0, 2] = 3.0, -9.0
     mask = gradient_rollout([attention], [gradient], E0.clone(), layout, "mean", 0.0)
-    # fused row 0 = [0, 0, 0.5]; + I → [1, 0, .5] / 1.5 → patches [0, 1/3] → [0, 1]
-    torch.testing.assert_close(mask, torch.tensor([[[0.0, 1.0]]]))
+    # mean over heads first: row 0 = [0, 0, -1] → relu → [0, 0, 0]; + I → [1, 0, 0]: no patch gets anything
+    torch.testing.assert_close(mask, torch.tensor([[[0.0, 0.0]]]))
+    mask = gradient_rollout([attention], [gradient], E0.clone(), layout, "max", 0.0)
+    # max over heads: row 0 = [0, 1, 1] → + I → [1, 1, 1] / 3 → patches [1/3, 1/3] → [1, 1]
+    torch.testing.assert_close(mask, torch.tensor([[[1.0, 1.0]]]))
+    # removing negatives per head first (Chefer's rule) would give mean [0, 0.5, 0.5] → patches [1, 1] instead
+    per_head = attention * gradient
+    assert torch.equal(per_head.clamp_min(0).mean(1)[0, 0], torch.tensor([0.0, 0.5, 0.5], dtype=torch.float64))
+
+
+def reference_gradient_rollout(attentions, gradients, fusion, ratio, prefix, grid):
+    """The original order, written out: ``(attention * grad).mean(axis=1)`` (or max/min), then negatives set
+    to 0, then discard, residual and the full-matrix product (no shared code)."""
+    batch, _, n, _ = attentions[0].shape
+    masks = []
+    for b in range(batch):
+        result = np.eye(n)
+        for attention, gradient in zip(attentions, gradients):
+            weighted = attention[b].double().numpy() * gradient[b].double().numpy()
+            fused = {"mean": weighted.mean(0), "max": weighted.max(0), "min": weighted.min(0)}[fusion]
+            fused[fused < 0] = 0
+            flat = fused.flatten().copy()
+            order = [i for i in np.argsort(flat, kind="stable") if i != 0][: int(n * n * ratio)]
+            flat[order] = 0
+            a = flat.reshape(n, n) + np.eye(n)
+            result = (a / a.sum(axis=-1, keepdims=True)) @ result
+        row = result[0, prefix:]
+        masks.append((row / row.max()).reshape(grid))
+    return torch.tensor(np.stack(masks))
+
+
+@pytest.mark.parametrize("fusion", ["mean", "max", "min"])
+@pytest.mark.parametrize("ratio", [0.0, 0.9])
+def test_gradient_rollout_equals_the_original_order_written_out(fusion, ratio):
+    generator = torch.Generator().manual_seed(7)
+    layout = TokenLayout(num_prefix_tokens=1, grid=(3, 3), protected_tokens=(0,))
+    attentions = [random_attention(2, 3, layout.num_tokens, generator) for _ in range(4)]
+    gradients = [torch.randn(a.shape, generator=generator, dtype=torch.float64) for a in attentions]
+    readout = torch.zeros(2, layout.num_tokens, dtype=torch.float64)
+    readout[:, 0] = 1
+    mask = gradient_rollout(attentions, gradients, readout, layout, fusion, ratio)
+    torch.testing.assert_close(mask.double(), reference_gradient_rollout(attentions, gradients, fusion, ratio, 1, (3, 3)),
+                               atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_rollout_with_unit_gradients_equals_rollout():

@@ -7,7 +7,7 @@ import torch
 from conftest import BOTH_IMAGE, DEIT_WEIGHTS, needs_shared
 from vitexplain import AttentionRollout, GradientRollout, load_model, preprocessing_for
 from vitexplain.io.inputs import load_rgb
-from vitexplain.run.loader import to_model_input
+from vitexplain.io.preprocess import to_model_input
 
 pytestmark = needs_shared
 BULL_MASTIFF, TIGER_CAT = 243, 282
@@ -46,3 +46,16 @@ def test_rollout_is_not_degenerate(deit_and_image):
     mask = AttentionRollout(model, fusion="max", discard_ratio=0.9)(image)[0]
     assert mask.shape == (14, 14) and float(mask.max()) == 1.0
     assert float(mask.std()) > 0.05
+
+
+def test_gradient_rollout_on_real_attention_equals_the_original_order_written_out(deit_and_image):
+    from test_methods import reference_gradient_rollout
+    from vitexplain import capture_attention
+
+    model, image = deit_and_image
+    capture = capture_attention(model, image, with_grad=True)
+    gradients = capture.gradients(torch.tensor([TIGER_CAT]))
+    attentions = [a.detach() for a in capture.attentions]
+    expected = reference_gradient_rollout(attentions, gradients, "mean", 0.9, 1, (14, 14))
+    ours = GradientRollout(model, fusion="mean", discard_ratio=0.9)(image, target=TIGER_CAT)
+    torch.testing.assert_close(ours.double(), expected, atol=2e-5, rtol=1e-3)

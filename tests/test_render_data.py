@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import write_image
-from vitexplain.run.loader import DOWNSCALE_GAP, to_model_input
+from vitexplain.io.preprocess import DOWNSCALE_GAP, to_model_input
 from vitexplain.io.inputs import Failure, find_images
 from vitexplain.models import Preprocessing
 from vitexplain.render.colormaps import COLORMAPS, colormap_table

@@ -91,14 +91,14 @@ def uncurated(tmp_path, monkeypatch):
     write_image(folder / "noperm.png", (10, 10))
     os.chmod(folder / "noperm.png", 0)
     if os.geteuid() == 0:  # root reads any file: make the read itself fail as it would for a user
-        real_open = data.Image.open
+        real_open = data.open_regular_file
 
-        def open_as_user(file, *args, **kwargs):
-            if isinstance(file, (str, os.PathLike)) and Path(file).name == "noperm.png":
-                raise PermissionError(13, "Permission denied", str(file))
-            return real_open(file, *args, **kwargs)
+        def open_as_user(path):
+            if Path(path).name == "noperm.png":
+                raise PermissionError(13, "Permission denied", str(path))
+            return real_open(path)
 
-        monkeypatch.setattr(data.Image, "open", open_as_user)
+        monkeypatch.setattr(data, "open_regular_file", open_as_user)
     os.symlink("loop.png", folder / "loop.png")
     os.symlink("..", folder / "back")  # a folder loop: must not be followed
     (tmp_path / "empty").mkdir()
@@ -192,6 +192,7 @@ def count_explained(monkeypatch) -> list[int]:
 
     counted = []
     original = Explainer.explain
+    monkeypatch.setattr("vitexplain.run.pipeline.warm_up", lambda *args: None)  # count the images only
 
     def counting(self, images, *args, **kwargs):
         counted.append(len(images))
@@ -252,6 +253,7 @@ def test_ctrl_c_stops_between_batches_and_a_second_one_at_once(tmp_path, twelve_
     from vitexplain.methods.base import Explainer
 
     original_make_loader, original_explain = pipeline.make_loader, Explainer.explain
+    monkeypatch.setattr(pipeline, "warm_up", lambda *args: None)  # count the images only
     signals_while_reading: dict[int, int] = {}
     signals_while_explaining: dict[int, int] = {}
 

@@ -19,7 +19,7 @@ from vitexplain.cli import app
 from vitexplain.io.inputs import load_rgb
 from vitexplain.io.outputs import OutputWriter, digest
 from vitexplain.models import build_model, plan_model
-from vitexplain.run.loader import to_model_input
+from vitexplain.io.preprocess import to_model_input
 from vitexplain.run.options import RenderOptions, SweepOptions
 from vitexplain.run.pipeline import explain_paths
 from vitexplain.run.request import Request
@@ -42,7 +42,7 @@ def manifest(out: Path) -> list[dict]:
 def fingerprints(folder: Path) -> dict[str, tuple[int, str]]:
     """Every file's modification time and content hash (the manifest aside)."""
     return {p.name: (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
-            for p in folder.iterdir() if p.name != "manifest.jsonl"}
+            for p in folder.iterdir() if p.name != "manifest.jsonl" and not p.name.startswith(".")}
 
 
 @pytest.fixture

@@ -54,9 +54,21 @@ def test_a_recorded_tensor_that_is_not_attention_is_refused():
             capture_attention(model, torch.randn(2, 3, 160, 160), with_grad=with_grad, fusion=None)
 
 
-def test_non_finite_attention_is_refused():
-    model = load_model("test_vit", pretrained=False)
+def test_non_finite_outputs_fail_one_by_one_and_the_manifest_stays_strict_json(tmp_path, save_test_vit):
+    import json
+
+    model, _ = save_test_vit()
     with torch.no_grad():
         model.blocks[0].attn.qkv.weight[0, 0] = float("nan")
-    with pytest.raises(UnsupportedModelError, match="NaN or inf entries: are the model's weights finite"):
-        capture_attention(model, torch.randn(1, 3, 160, 160), fusion="mean")
+    checkpoint = tmp_path / "nan.pth"
+    torch.save(model.state_dict(), checkpoint)
+    for index in range(2):
+        write_image(tmp_path / "in" / f"{index}.png", (32, 32), seed=index)
+    result = runner.invoke(app, ["rollout", str(tmp_path / "in"), "--model", "test_vit", "--checkpoint",
+                                 str(checkpoint), "-o", str(tmp_path / "out")], catch_exceptions=False)
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "0.png: the model's output is not finite (NaN or inf): are the checkpoint's weights finite?" in text
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    entries = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) for line in lines]
+    assert [e["status"] for e in entries] == ["failed", "failed"]

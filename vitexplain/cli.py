@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import inspect
 import signal
+from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
 
 import typer
 from rich.console import Console
@@ -66,14 +67,25 @@ GifOpt = Annotated[bool, typer.Option("--gif/--no-gif", help="Write an animated,
 GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of all frames.", rich_help_panel=OUTPUT_PANEL)]
 
 
+def literal(text: object) -> str:
+    """``text`` printed as it is: rich markup escaped, control characters (a newline in a file name) shown as
+    escapes, so that no name can style the output or forge a line of its own."""
+    shown = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in str(text))
+    return escape(shown)
+
+
 def fail(message: str, code: int = 1) -> typer.Exit:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console.print(f"[bold red]error:[/] {literal(message)}", highlight=False, soft_wrap=True)
     return typer.Exit(code)
 
 
 def report_failure(failure: Failure) -> None:
-    console.print(f"[yellow]failed:[/] {escape(str(failure.path))}: {escape(failure.reason)}", highlight=False,
+    console.print(f"[yellow]failed:[/] {literal(failure.path)}: {literal(failure.reason)}", highlight=False,
                   soft_wrap=True)
+
+
+def warn(text: str) -> None:
+    console.print(f"[yellow]warning:[/] {literal(text)}", highlight=False, soft_wrap=True)
 
 
 def param_option(param: Param, panel: str = METHOD_PANEL) -> inspect.Parameter:
@@ -208,22 +220,29 @@ def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | 
     from .run import job
 
     try:
-        render = RenderOptions(value(options["colormap"]), options["alpha"], options["save_raw"],
-                               max_side=options["max_side"], image_format=value(options["image_format"]))
-        ready = job.prepare(method, options["inputs"], options["out"], options["model"], options["checkpoint"],
-                            options.get("classes"), render, sweep, options["stretch"], options["amp"],
-                            value(options["device"]), options["overwrite"], param_label=lambda p: p.flag, **params)
-    except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
-        raise fail(str(error), code=2) from None
-    console.print(f"[bold]{escape(ready.request.describe())}[/]", highlight=False, soft_wrap=True)
-    for failure in ready.input_failures:
-        report_failure(failure)
-    summary = explain_with_progress(ready, options)
+        try:
+            render = RenderOptions(value(options["colormap"]), options["alpha"], options["save_raw"],
+                                   max_side=options["max_side"], image_format=value(options["image_format"]))
+            ready = job.prepare(method, options["inputs"], options["out"], options["model"], options["checkpoint"],
+                                options.get("classes"), render, sweep, options["stretch"], options["amp"],
+                                value(options["device"]), options["overwrite"], param_label=lambda p: p.flag,
+                                **params)
+        except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
+            raise fail(str(error), code=2) from None
+        console.print(f"[bold]{literal(ready.request.describe())}[/]", highlight=False, soft_wrap=True)
+        for text in ready.writer.warnings:
+            warn(text)
+        for failure in ready.input_failures:
+            report_failure(failure)
+        summary = explain_with_progress(ready, options)
+    except KeyboardInterrupt:  # Ctrl-C before the images stream (loading torch, the weights): nothing to finish
+        console.print("[bold yellow]interrupted[/] before any image was explained; nothing was written.")
+        raise typer.Exit(130) from None
     failed = len(ready.input_failures) + len(summary.failures)
     print_summary(summary, failed, ready)
     if summary.interrupted:
         raise typer.Exit(130)
-    if failed:
+    if failed or summary.stopped:
         raise typer.Exit(1)
     return summary
 
@@ -247,19 +266,31 @@ def explain_with_progress(ready: Job, options: dict) -> RunSummary:
             task = progress.add_task(label, total=len(ready.todo))
             within = progress.add_task("  per image", total=None, visible=False)
             return job.execute(
-                ready, options["batch_size"], options["num_workers"],
+                ready, options["batch_size"], options["num_workers"], on_notice=lambda text: console.print(
+                    f"[yellow]note:[/] {literal(text)}", highlight=False, soft_wrap=True),
+                warming=lambda: retitled(progress, task, label, "compiling kernels (first run only)…"),
                 on_images=lambda n: progress.advance(task, n), on_failure=report_failure, timer=timer,
                 on_progress=lambda done, total: progress.update(within, completed=done, total=total, visible=True),
                 on_stop_request=lambda: console.print("stopping after this batch (Ctrl-C again to stop now)"),
             )
     except ModelLoadError as error:
-        raise fail(str(error)) from None
+        raise fail(str(error), code=2) from None
     except UnsupportedModelError as error:
         raise fail(str(error), code=2) from None
     finally:
         signal.signal(signal.SIGTERM, previous_handler)
         if timer is not None:
             print_profile(timer, len(ready.todo))
+
+
+@contextmanager
+def retitled(progress, task, title: str, while_: str) -> Iterator[None]:
+    """The progress bar's task titled ``while_`` within the context, ``title`` again afterwards."""
+    progress.update(task, description=while_)
+    try:
+        yield
+    finally:
+        progress.update(task, description=title)
 
 
 def print_profile(timer: StageTimer, images: int) -> None:
@@ -287,16 +318,19 @@ def plural(count: int, word: str) -> str:
 def print_summary(summary: RunSummary, failed: int, ready: Job) -> None:
     explained = summary.images - len(summary.failures)
     writer = ready.writer
-    parts = [f"{plural(explained, 'image')} → {plural(summary.outputs, 'output')} in {escape(str(writer.out_dir))}/"]
+    parts = [f"{plural(explained, 'image')} → {plural(summary.outputs, 'output')} in {literal(writer.out_dir)}/"]
     if summary.seconds and explained:
         parts.append(f"{summary.seconds:.1f} s, {summary.images_per_second:.1f} images/s on {ready.device}")
     if ready.skipped:
         parts.append(f"{ready.skipped} already complete, skipped (--overwrite to redo them)")
     if failed:
         parts.append(f"[bold yellow]{failed} failed[/] (listed in the manifest)")
-    head = "[bold yellow]interrupted:[/]" if summary.interrupted else "[green]done:[/]"
-    console.print(f"{head} {'; '.join(parts)}; manifest: {escape(str(writer.manifest_path))}", highlight=False)
-    if summary.interrupted:
+    if summary.stopped:
+        console.print(f"[bold red]stopped:[/] {literal(summary.stopped)}", highlight=False, soft_wrap=True)
+    head = "[bold yellow]interrupted:[/]" if summary.interrupted else "[bold red]stopped:[/]" if summary.stopped \
+        else "[green]done:[/]"
+    console.print(f"{head} {'; '.join(parts)}; manifest: {literal(writer.manifest_path)}", highlight=False)
+    if summary.interrupted or summary.stopped:
         console.print("Everything written so far is complete and in the manifest: run the same command again to finish.")
 
 

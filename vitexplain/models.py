@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .capture.support import UnsupportedModelError, check_supported
+from .io.preprocess import Preprocessing
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
@@ -25,20 +26,6 @@ class ModelLoadError(RuntimeError):
 class ModelChoiceError(ModelLoadError):
     """The model asked for cannot work (unknown name, no attention blocks, unusable checkpoint):
     a usage error, found before any weights are loaded."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How to turn a picture into model input: resize the whole image, then normalise."""
-
-    size: tuple[int, int]  # (height, width)
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    interpolation: str = "bicubic"
-
-    def record(self) -> dict:
-        return {"size": list(self.size), "mean": list(self.mean), "std": list(self.std),
-                "interpolation": self.interpolation}
 
 
 @dataclass(frozen=True)
@@ -81,8 +68,14 @@ def file_sha256(path: Path) -> str:
 
 
 def check_model_name(name: str) -> str:
-    """Return ``name`` if timm knows it, else raise with the closest known names."""
-    if timm.is_model(name.split(".")[0]):
+    """Return ``name`` if timm knows it (and its pretrained tag, if it names one), else raise with the
+    closest known names."""
+    architecture, _, tag = name.partition(".")
+    if timm.is_model(architecture):
+        if tag and name not in timm.list_pretrained(f"{architecture}.*"):
+            tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{architecture}.*")]
+            raise ModelChoiceError(f"timm has no pretrained weights {tag!r} for {architecture!r}; its tags: "
+                                   f"{', '.join(tags) or 'none'}")
         return name
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " See `timm.list_models('*vit*')`."
@@ -101,16 +94,20 @@ def check_attention_blocks(model: nn.Module, name: str) -> None:
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Read a state dict from ``.pth/.pt/.bin`` (plain or nested under ``state_dict``/``model``) or ``.safetensors``."""
     if not path.is_file():
-        raise ModelChoiceError(f"checkpoint {str(path)!r} does not exist")
+        what = "is a folder" if path.is_dir() else "is not a regular file" if os.path.lexists(path) else "does not exist"
+        raise ModelChoiceError(f"checkpoint {str(path)!r} {what}")
+    if path.stat().st_size == 0:
+        raise ModelChoiceError(f"checkpoint {str(path)!r} is empty (0 bytes)")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix.lower() == ".safetensors":
             from safetensors.torch import load_file
 
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # unpickling and format errors come in many types
-        raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: {error}") from error
+        raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: {str(error).strip() or type(error).__name__}"
+                               ) from error
     for key in STATE_DICT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -131,26 +128,70 @@ def classifier_num_classes(name: str, state: dict[str, torch.Tensor]) -> int:
 def load_checkpoint_state(model: nn.Module, name: str, state: dict[str, torch.Tensor], assign: bool = False) -> nn.Module:
     """Strict-load a checkpoint's ``state`` into ``model`` (``assign``: take its tensors as they are),
     explaining a mismatch."""
-    try:
-        model.load_state_dict(state, strict=True, assign=assign)
-    except RuntimeError as error:
-        raise ModelChoiceError(
-            f"the checkpoint does not fit {name!r}: {str(error).splitlines()[0]} "
-            "(is --model the architecture it was trained with?)"
-        ) from error
+    problem = state_mismatch(model.state_dict(), state)
+    if problem:
+        raise ModelChoiceError(f"the checkpoint does not fit {name!r}: {problem} (is --model the architecture it "
+                               "was trained with?)")
+    model.load_state_dict(state, strict=True, assign=assign)
     return model
 
 
+def state_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], most: int = 3) -> str | None:
+    """The keys and shapes in which ``state`` differs from ``expected`` (a few of each), or ``None``."""
+    def listed(items: list[str]) -> str:
+        return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {tuple(state[k].shape)} in the checkpoint, {tuple(v.shape)} in the model"
+              for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    parts = [f"{label} {listed(items)}" for label, items in (("missing", missing), ("unexpected", unexpected),
+                                                              ("shapes differ:", shapes)) if items]
+    return "; ".join(parts) or None
+
+
+NO_WEIGHTS_HINT = ("Without access to the Hugging Face Hub, pass --checkpoint PATH (a local state dict for this "
+                   "architecture, .pth or .safetensors), or put the weights in the HF cache (HF_HOME) and set "
+                   "HF_HUB_OFFLINE=1.")
+
+
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is switched off here (``HF_HUB_OFFLINE``)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_pretrained_reachable(config: dict, name: str) -> None:
+    """Offline, timm's pretrained weights for ``name`` (its ``pretrained_cfg``) must be in the local HF cache:
+    raise :class:`ModelChoiceError` if they are not (no retries, no download attempts)."""
+    repo = config.get("hf_hub_id")
+    if not hub_offline() or not repo:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    repo_id, _, revision = repo.partition("@")
+    names = [config.get("hf_hub_filename") or "model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"]
+    if not any(isinstance(try_to_load_from_cache(repo_id, file, revision=revision or None), str) for file in names):
+        raise ModelChoiceError(f"could not get pretrained weights for {name!r}: HF_HUB_OFFLINE is set and "
+                               f"{repo_id} is not in the Hugging Face cache. {NO_WEIGHTS_HINT}")
+
+
 def load_pretrained_model(name: str, **model_kwargs) -> nn.Module:
-    """Build ``name`` with its pretrained weights via timm (Hugging Face Hub or local HF cache)."""
+    """Build ``name`` with its pretrained weights via timm (Hugging Face Hub or local HF cache); the hub
+    client's retry warnings are kept quiet, the failure is said in one line."""
+    import logging
+
+    quiet = [logging.getLogger(logger) for logger in ("huggingface_hub", "timm")]
+    levels = [logger.level for logger in quiet]
+    for logger in quiet:
+        logger.setLevel(logging.ERROR)
     try:
         return timm.create_model(name, pretrained=True, **model_kwargs)
     except (OSError, ConnectionError, RuntimeError, ValueError) as error:
-        raise ModelLoadError(
-            f"could not get pretrained weights for {name!r} ({type(error).__name__}). "
-            "Without access to the Hugging Face Hub, pass --checkpoint PATH (a local state dict for this "
-            "architecture, .pth or .safetensors), or put the weights in the HF cache (HF_HOME) and set HF_HUB_OFFLINE=1."
-        ) from error
+        raise ModelLoadError(f"could not get pretrained weights for {name!r} ({type(error).__name__}). "
+                             f"{NO_WEIGHTS_HINT}") from error
+    finally:
+        for logger, level in zip(quiet, levels):
+            logger.setLevel(level)
 
 
 @dataclass
@@ -164,6 +205,12 @@ class ModelPlan:
     kwargs: dict
     source: ModelSource
     preprocessing: Preprocessing
+    pretrained_cfg: dict
+
+    def check_weights_reachable(self) -> None:
+        """Raise :class:`ModelChoiceError` if pretrained weights are planned but cannot be had offline."""
+        if self.source.weights == "pretrained":
+            check_pretrained_reachable(self.pretrained_cfg, self.name)
 
 
 def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, pretrained: bool = True,
@@ -191,7 +238,8 @@ def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, 
                              model_kwargs=options)
     else:
         source = ModelSource(name, "random", model_kwargs=options)
-    return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing_for(skeleton))
+    return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing_for(skeleton),
+                     dict(skeleton.pretrained_cfg or {}))
 
 
 def build_model(plan: ModelPlan) -> nn.Module:

@@ -3,23 +3,16 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-RESAMPLING = {
-    "bicubic": Image.Resampling.BICUBIC,
-    "bilinear": Image.Resampling.BILINEAR,
-    "nearest": Image.Resampling.NEAREST,
-    "lanczos": Image.Resampling.LANCZOS,
-}
-
-
 class ImageDecodeError(ValueError):
     """A file that cannot be used as an image; the message says why."""
 
@@ -131,23 +124,41 @@ def load_image(path: str | Path) -> Image.Image:
     (89.5 megapixels) are refused (decompression-bomb protection). An upright RGB file is decoded
     without further copies (a 12-megapixel photo carries 36 MB of pixels).
     """
-    path = Path(path)
-    if path.is_file() and path.stat().st_size == 0:
-        raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), open_regular_file(path) as file:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(file) as image:
                 ImageOps.exif_transpose(image, in_place=True)  # loads the pixels; copies only to rotate
                 return to_rgb_image(image)
+    except ImageDecodeError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageDecodeError(f"refused as a possible decompression bomb: {error}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not an image, or a format Pillow cannot read") from None
     except PermissionError:
         raise ImageDecodeError("permission denied") from None
+    except FileNotFoundError:
+        raise ImageDecodeError("does not exist (any more)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
         raise ImageDecodeError(f"corrupt or truncated image: {error}") from None
+
+
+def open_regular_file(path: str | Path) -> BinaryIO:
+    """``path`` opened for reading, if it is a non-empty regular file; :class:`ImageDecodeError` if not. Opened
+    without blocking and checked on the open file itself, so that a FIFO or a device — even one put in a
+    file's place after the folder was listed — is refused at once instead of hanging the run."""
+    handle = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        info = os.fstat(handle)
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError("not a regular file (a FIFO, a device or a folder)")
+        if info.st_size == 0:
+            raise ImageDecodeError("empty file (0 bytes)")
+        return os.fdopen(handle, "rb")
+    except BaseException:
+        os.close(handle)
+        raise
 
 
 def to_rgb_image(image: Image.Image) -> Image.Image:

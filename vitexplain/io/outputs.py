@@ -8,10 +8,13 @@ same files, and nothing ever overwrites another request's or another input's fil
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 import secrets
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterable, Sequence
@@ -21,8 +24,13 @@ import numpy as np
 from .inputs import input_key
 
 MANIFEST_NAME = "manifest.jsonl"
+LOCK_NAME = ".vitexplain.lock"
 FILE_FIELDS = ("overlay", "raw", "gif", "grid")
 SUFFIXES = (".png", ".jpg", ".npy", ".gif")
+MAX_NAME_BYTES = 230  # file names stay under 255 bytes with the longest suffix and the temporary prefix
+TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+FATAL_ERRORS = {errno.ENOSPC: "no space left on", errno.EDQUOT: "disk quota exceeded on",
+                errno.EROFS: "read-only file system at", errno.EIO: "input/output error on"}
 
 Content = bytes | Callable[[BinaryIO], None]  # a file's bytes, or a function writing them to an open file
 Identity = tuple[str, str, int]  # (input key, request key, output index)
@@ -64,22 +72,87 @@ def encoded_array(array: np.ndarray) -> Callable[[BinaryIO], None]:
 
 
 class OutputError(OSError):
-    """The output folder cannot be written."""
+    """The output folder cannot be written (found before anything is computed)."""
+
+
+class OutputStop(Exception):
+    """Writing cannot go on (a full disk, a read-only file system, an unwritable manifest): the run stops after
+    the outputs in flight, and the rerun resumes."""
+
+
+def stop_for(error: OSError, out_dir: Path) -> OutputStop | None:
+    """The :class:`OutputStop` for a disk-level ``error``, or ``None`` for one that concerns one file only."""
+    reason = FATAL_ERRORS.get(error.errno)
+    return OutputStop(f"{reason} {out_dir}") if reason else None
 
 
 def check_writable(folder: Path) -> Path:
-    """Create ``folder`` if needed and prove it writable with a probe file; raise :class:`OutputError` if not."""
+    """Create ``folder`` if needed and prove it writable with a probe file, and its manifest (if there is one)
+    a regular file open for appending; raise :class:`OutputError` if not."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as error:
         raise OutputError(f"cannot write to {str(folder)!r}: {error.strerror or error}") from None
+    manifest = folder / MANIFEST_NAME
+    try:
+        mode = os.lstat(manifest).st_mode
+    except FileNotFoundError:
+        return folder
+    if stat.S_ISLNK(mode):
+        raise OutputError(f"{str(manifest)!r} is a symlink: vitexplain writes its manifest only as a file of its own")
+    if not stat.S_ISREG(mode):
+        raise OutputError(f"{str(manifest)!r} is not a regular file (a folder, a FIFO or a device)")
+    try:
+        os.close(os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK))
+    except OSError as error:
+        raise OutputError(f"cannot write to {str(manifest)!r}: {error.strerror or error}") from None
     return folder
+
+
+class OutputLock:
+    """An exclusive lock on an output folder for one run (``flock`` on ``.vitexplain.lock``): a second run into
+    the same ``--out`` at once is refused rather than duplicating entries. Released by :meth:`release` or when
+    the process ends; where ``flock`` does not exist, nothing is locked."""
+
+    def __init__(self, folder: Path):
+        self.handle = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        handle = open(folder / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip()
+            handle.close()
+            raise OutputError(f"another vitexplain run{f' (pid {holder})' if holder else ''} is writing to "
+                              f"{str(folder)!r}: wait for it, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing the file releases the lock
+            self.handle = None
 
 
 def digest(text: str, length: int = 8) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:length]
+
+
+def short_stem(stem: str) -> str:
+    """``stem`` if output names built on it stay short enough for any file system, else its start and a hash."""
+    if len(stem.encode()) <= MAX_NAME_BYTES - 100:  # room for the longest labels
+        return stem
+    head = stem.encode()[: MAX_NAME_BYTES - 110].decode(errors="ignore")
+    return f"{head}~{digest(stem)}"
 
 
 def names_in_folder(folder: Path) -> set[str]:
@@ -104,13 +177,36 @@ class OutputWriter:
 
     def __init__(self, out_dir: Path):
         self.out_dir = check_writable(Path(out_dir))
+        self.lock = OutputLock(self.out_dir)
         self.manifest_path = self.out_dir / MANIFEST_NAME
+        self.warnings: list[str] = []  # what the manifest reader skipped
+        self.remove_orphans()
+        self.end_cut_line()
         self.names: dict[Identity, str] = {}
         self.taken: set[str] = names_in_folder(self.out_dir)
         for entry in self.entries():
-            if entry.get("status") == "ok" and isinstance(entry.get("name"), str):
+            if entry.get("status") == "ok":
                 self.names.setdefault(self.identity_of(entry), entry["name"])
                 self.taken.add(entry["name"])
+
+    def close(self) -> None:
+        """Release the folder's lock (the writer can still be read from)."""
+        self.lock.release()
+
+    def remove_orphans(self) -> None:
+        """Delete the temporary files a killed run left (the lock says no other run is writing)."""
+        for entry in os.scandir(self.out_dir):
+            if TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                Path(entry.path).unlink(missing_ok=True)
+
+    def end_cut_line(self) -> None:
+        """End a last line that a killed run cut short, so that the next entry is not glued to it."""
+        try:
+            with open(self.manifest_path, "rb+") as manifest:
+                if manifest.seek(0, os.SEEK_END) and (manifest.seek(-1, os.SEEK_END), manifest.read(1))[1] != b"\n":
+                    manifest.write(b"\n")
+        except FileNotFoundError:
+            pass
 
     @staticmethod
     def identity_of(entry: dict[str, Any]) -> Identity:
@@ -123,7 +219,7 @@ class OutputWriter:
         known = self.names.get(identity)
         if known is not None:
             return known
-        base = f"{Path(input_path).stem}_{label}"
+        base = f"{short_stem(Path(input_path).stem)}_{label}"
         name, attempt = base, 0
         while name in self.taken:
             attempt += 1
@@ -136,35 +232,63 @@ class OutputWriter:
         """Write one output's files ``{name}{suffix}`` and return its manifest entry (``entry`` with the
         files' paths). ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the
         file's content. The entry is not yet in the manifest: :meth:`append_manifest` it once the files are
-        written, so that the manifest lists only complete outputs."""
+        written, so that the manifest lists only complete outputs.
+
+        An error that concerns this output's files alone (a name the file system refuses, a folder in the
+        way) returns a failure entry instead; a disk-level one (full, read-only) raises :class:`OutputStop`."""
         paths = {}
-        for field_name, (suffix, content) in files.items():
-            paths[field_name] = self.out_dir / f"{name}{suffix}"
-            atomic_write(paths[field_name], content)
+        try:
+            for field_name, (suffix, content) in files.items():
+                paths[field_name] = self.out_dir / f"{name}{suffix}"
+                atomic_write(paths[field_name], content)
+        except OSError as error:
+            stop = stop_for(error, self.out_dir)
+            if stop is not None:
+                raise stop from None
+            return failure_entry(entry["input"], f"cannot write {paths[field_name].name}: {error.strerror or error}",
+                                 entry["request"])
         return {**entry, "name": name, **{field_name: str(path) for field_name, path in paths.items()}}
 
     def append_manifest(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """Append ``entry`` as one JSON line to the manifest; returns it."""
-        with self.manifest_path.open("a", encoding="utf-8") as manifest:
-            manifest.write(json.dumps(entry) + "\n")
+        """Append ``entry`` as one line of strict JSON to the manifest; returns it. Any error writing it raises
+        :class:`OutputStop`: a run that cannot record its outputs stops."""
+        line = json.dumps(entry, allow_nan=False) + "\n"
+        try:
+            with self.manifest_path.open("a", encoding="utf-8") as manifest:
+                manifest.write(line)
+        except OSError as error:
+            raise (stop_for(error, self.out_dir) or OutputStop(
+                f"cannot write {self.manifest_path}: {error.strerror or error}")) from None
         return entry
 
     def record_failure(self, input_path: Path, reason: str, request: dict[str, Any]) -> dict[str, Any]:
-        return self.append_manifest({"input": input_key(input_path), "status": "failed", "error": reason,
-                                     "request": request})
+        return self.append_manifest(failure_entry(input_key(input_path), reason, request))
 
     def entries(self) -> list[dict[str, Any]]:
-        """The manifest's entries (a line cut short by a killed process is ignored)."""
-        if not self.manifest_path.is_file():
+        """The manifest's usable entries. Lines that are not valid UTF-8, not JSON objects, or lack the fields
+        of an entry are skipped, each kind noted once in :attr:`warnings`; the reader never fails."""
+        try:
+            data = self.manifest_path.read_bytes()
+        except (FileNotFoundError, IsADirectoryError):
             return []
-        entries = []
-        for line in self.manifest_path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
+        entries, skipped = [], {}
+        for number, raw in enumerate(data.splitlines(), 1):
+            if not raw.strip():
                 continue
-            if isinstance(entry, dict) and isinstance(entry.get("input"), str):
+            try:
+                entry = json.loads(raw.decode("utf-8"))
+                problem = entry_problem(entry)
+            except UnicodeDecodeError:
+                problem = "not valid UTF-8"
+            except json.JSONDecodeError:
+                problem = "not JSON (cut short?)"
+            if problem:
+                skipped.setdefault(problem, []).append(number)
+            else:
                 entries.append(entry)
+        self.warnings = [f"{self.manifest_path}: skipped {len(lines)} line{'s' if len(lines) > 1 else ''} "
+                         f"({problem}; line {lines[0]}{'…' if len(lines) > 1 else ''})"
+                         for problem, lines in skipped.items()]
         return entries
 
     def completed(self, request: str) -> set[tuple[str, int]]:
@@ -178,8 +302,38 @@ class OutputWriter:
         """Drop the manifest lines of ``request`` for ``inputs`` (before recomputing them); their names stay
         theirs."""
         targets = {input_key(p) for p in inputs}
-        kept = [e for e in self.entries() if not (request_key(e) == request and input_key(Path(e["input"])) in targets)]
-        atomic_write(self.manifest_path, "".join(json.dumps(e) + "\n" for e in kept).encode())
+        try:
+            lines = self.manifest_path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            return
+
+        def forgotten(line: bytes) -> bool:
+            try:
+                entry = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                return False  # kept as it is: nothing is lost
+            return entry_problem(entry) is None and request_key(entry) == request and input_key(
+                Path(entry["input"])) in targets
+
+        atomic_write(self.manifest_path, b"".join(line for line in lines if not forgotten(line)))
+
+
+def failure_entry(input_key_: str, reason: str, request: dict[str, Any]) -> dict[str, Any]:
+    return {"input": input_key_, "status": "failed", "error": reason, "request": request}
+
+
+def entry_problem(entry: Any) -> str | None:
+    """What keeps a parsed manifest line from being an entry, or ``None``."""
+    if not isinstance(entry, dict):
+        return "not a JSON object"
+    if not isinstance(entry.get("input"), str) or entry.get("status") not in ("ok", "failed"):
+        return "no input or status"
+    if not isinstance(entry.get("request"), dict) or not isinstance(entry["request"].get("key"), str):
+        return "no request key"
+    if entry["status"] == "ok" and not (isinstance(entry.get("name"), str) and isinstance(entry.get("output", 0), int)
+                                        and all(isinstance(entry.get(f, ""), str) for f in FILE_FIELDS)):
+        return "wrong-typed output fields"
+    return None
 
 
 def request_key(entry: dict[str, Any]) -> str | None:

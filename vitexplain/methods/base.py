@@ -176,10 +176,11 @@ class Explainer:
         ``∂y_c/∂A_l`` for class-specific methods), one per discard ratio (``R = 1`` without one)."""
         raise NotImplementedError
 
-    def explain(self, images: Tensor, classes: Sequence[int | Tensor] | None = None,
+    def explain(self, images: Tensor, classes: Sequence[int | str | Tensor] | None = None,
                 discard_ratios: Sequence[float] | None = None) -> Explanation:
-        """Masks for each class in ``classes`` (class-specific methods; default top-1) and each discard ratio
-        (sweepable methods; default the method's own)."""
+        """Masks ``(B, T, R, gh, gw)`` for each of the ``T`` classes in ``classes`` (class-specific methods:
+        indices, names or ``(B,)`` tensors; default each image's top-1, ``T = 1``) and each of the ``R`` discard
+        ratios (sweepable methods; default the method's own, ``R = 1``)."""
         import torch
 
         ratios = self.ratios(discard_ratios)
@@ -203,15 +204,18 @@ class Explainer:
             return ()
         return tuple(check_discard_ratio(r) for r in (discard_ratios or (self.settings["discard_ratio"],)))
 
-    def targets(self, logits: Tensor, classes: Sequence[int | Tensor] | None) -> list[Tensor | None]:
+    def targets(self, logits: Tensor, classes: Sequence[int | str | Tensor] | None) -> list[Tensor | None]:
+        """Per target, a ``(B,)`` tensor of class indices: each class as given (an index, a name such as
+        ``"tiger cat"``, or a ``(B,)`` tensor), else each image's top-1."""
         if not self.class_specific:
             return [None]
         if not classes:
             return [logits.argmax(dim=-1)]
-        return [target_tensor(c, logits.shape[0], logits.device) for c in classes]
+        return [target_tensor(c, logits.shape[0], logits.device, logits.shape[-1]) for c in classes]
 
-    def __call__(self, images: Tensor, target: int | Tensor | None = None) -> Tensor:
-        """Masks ``(B, gh, gw)``; ``target`` (class-specific methods only) defaults to each image's top-1."""
+    def __call__(self, images: Tensor, target: int | str | Tensor | None = None) -> Tensor:
+        """Masks ``(B, gh, gw)``; ``target`` (class-specific methods only: an index, a class name or a
+        ``(B,)`` tensor) defaults to each image's top-1."""
         classes = None if target is None else [target]
         return self.explain(images, classes).masks[:, 0, 0]
 
@@ -253,10 +257,14 @@ def resolve_params(method: type[Explainer], given: dict[str, Any], label: Callab
     return {p.name: p.parse(given.get(p.name, p.default), label(p)) for p in method.params}
 
 
-def target_tensor(target: int | Tensor, batch: int, device) -> Tensor:
-    """A ``(B,)`` long tensor of class indices from an index or a tensor."""
+def target_tensor(target: int | str | Tensor, batch: int, device, num_classes: int) -> Tensor:
+    """A ``(B,)`` long tensor of class indices from an index, a class name (ImageNet lemmas for a 1000-class
+    head, ``class_<i>`` otherwise) or a tensor; ``ValueError`` for an unknown name or an index out of range."""
     import torch
+
+    from ..models import class_synonyms_for, resolve_class
 
     if isinstance(target, torch.Tensor):
         return target.to(device=device, dtype=torch.long).expand(batch)
-    return torch.full((batch,), int(target), dtype=torch.long, device=device)
+    index = resolve_class(target, class_synonyms_for(num_classes))
+    return torch.full((batch,), index, dtype=torch.long, device=device)

@@ -1,8 +1,11 @@
-"""Gradient Attention Rollout: class-specific rollout.
+"""Gradient Attention Rollout (the class-specific rollout of Abnar & Zuidema's reference code,
+``vit_grad_rollout.py``).
 
-Per layer and head the map is ``relu(A ⊙ ∂y_c/∂A)``: attention weighted by the gradient of the target
-logit ``y_c``, negative contributions removed per head, before fusion. The maps are then fused over heads
-and rolled out exactly as in :mod:`vitexplain.methods.rollout`.
+Per layer the map is ``relu(fuse_h(A ⊙ ∂y_c/∂A))``: attention weighted by the gradient of the target logit
+``y_c`` head by head, the heads fused (``--fusion``), and only then the negative entries removed — the
+order of the original ``grad_rollout()``, ``(attention * grad).mean(axis=1)`` followed by clamping. The
+maps are then discarded, given the residual and rolled out exactly as in :mod:`vitexplain.methods.rollout`.
+(Removing negatives per head before fusing is a different method: Chefer et al.'s rule.)
 """
 from __future__ import annotations
 
@@ -20,18 +23,25 @@ if TYPE_CHECKING:
 
 
 def gradient_weighting(attentions: Sequence[Tensor], gradients: Sequence[Tensor]) -> list[Tensor]:
-    """``relu(A_l ⊙ G_l)`` per layer, computed in float32."""
+    """``A_l ⊙ G_l`` per layer and head, computed in float32 (signed: negatives are removed after fusion)."""
     if len(attentions) != len(gradients):
         raise ValueError(f"{len(attentions)} attention maps but {len(gradients)} gradients")
-    return [(a.float() * g.float()).clamp_min(0) for a, g in zip(attentions, gradients)]
+    return [a.float() * g.float() for a, g in zip(attentions, gradients)]
+
+
+def fused_gradient_maps(attentions: Sequence[Tensor], gradients: Sequence[Tensor], fusion: Fusion) -> list[Tensor]:
+    """``relu(fuse_h(A_l ⊙ G_l))`` per layer: ``L × (B, N, N)``."""
+    from .rollout_steps import fuse_layers
+
+    return [fused.clamp_min(0) for fused in fuse_layers(gradient_weighting(attentions, gradients), fusion)]
 
 
 def gradient_rollout(attentions: Sequence[Tensor], gradients: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
                      fusion: Fusion = "mean", discard_ratio: float = 0.9) -> Tensor:
-    """Class-specific masks ``(B, gh, gw)`` from attentions and their gradients."""
-    from .rollout_steps import fuse_layers, rollout_masks
+    """Class-specific masks ``(B, gh, gw)`` from attentions and their gradients ``L × (B, H, N, N)``."""
+    from .rollout_steps import rollout_masks
 
-    fused = fuse_layers(gradient_weighting(attentions, gradients), fusion)
+    fused = fused_gradient_maps(attentions, gradients, fusion)
     return rollout_masks(fused, readout, layout, [discard_ratio])[:, 0]
 
 
@@ -41,10 +51,12 @@ class GradientRollout(RolloutExplainer):
 
     name = "grad-rollout"
     summary = "Gradient Attention Rollout: where the evidence for one class is."
-    description = ("Per layer and head relu(A ⊙ ∂y_c/∂A), with y_c the target logit; then fused and rolled out "
-                   "as in rollout. One output per image and --class.")
+    description = ("Per layer relu(fuse_h(A ⊙ ∂y_c/∂A)), with y_c the target logit: heads fused first, negatives "
+                   "removed after, as in the original implementation; then discarded and rolled out as in rollout. "
+                   "One output per image and --class.")
     class_specific = True
     needs = frozenset({"attentions", "gradients"})
+    version = 2  # 1 removed negatives per head, before fusion
 
-    def head_maps(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
-        return gradient_weighting([a.detach() for a in capture.attentions], gradients)
+    def fused_layers(self, capture: Capture, gradients: list[Tensor] | None) -> list[Tensor]:
+        return fused_gradient_maps([a.detach() for a in capture.attentions], gradients, self.settings["fusion"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -68,6 +69,29 @@ def overlay(image: np.ndarray, mask: np.ndarray, colormap: str = "jet", alpha: f
             stretch: bool = False) -> np.ndarray:
     """:func:`overlays` for one ``(gh, gw)`` mask: uint8 ``(H, W, 3)``."""
     return overlays(image, np.asarray(mask, dtype=np.float32)[None], colormap, alpha, stretch)[0]
+
+
+def overlay_image(image: np.ndarray | Image.Image, mask, colormap: str = "jet", alpha: float = 0.5,
+                  stretch: bool = False) -> Image.Image:
+    """:func:`overlay` as a Pillow image: ``image`` an ``(H, W, 3)`` uint8 array or a Pillow image, ``mask`` a
+    ``(gh, gw)`` array or tensor (an explainer's mask)."""
+    pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    return Image.fromarray(overlay(pixels, np.asarray(mask, dtype=np.float32), colormap, alpha, stretch))
+
+
+def save_overlay(path, image: np.ndarray | Image.Image, mask, colormap: str = "jet", alpha: float = 0.5,
+                 stretch: bool = False) -> Path:
+    """Write :func:`overlay_image` to ``path`` (``.png`` or ``.jpg``/``.jpeg``, by its suffix), atomically,
+    creating its folder; returns the path."""
+    from ..io.outputs import atomic_write, encoded_image
+
+    path = Path(path)
+    formats = {".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"save_overlay writes .png or .jpg files, not {path.suffix or 'no suffix'!r}")
+    picture = np.asarray(overlay_image(image, mask, colormap, alpha, stretch))
+    atomic_write(path, encoded_image(picture, formats[path.suffix.lower()]))
+    return path
 
 
 def fit_within(image: np.ndarray, max_side: int, resample: Image.Resampling = Image.Resampling.LANCZOS,

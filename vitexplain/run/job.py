@@ -15,12 +15,13 @@ import torch
 
 from ..io.inputs import Failure, find_images
 from ..io.outputs import OutputWriter, pending_outputs
-from ..methods.base import Param
+from ..methods.base import Param, resolve_params
+from ..methods.registry import get_method
 from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_synonyms_for, plan_model, resolve_class
 from .options import RenderOptions, SweepOptions
 from .pipeline import RunSummary, explain_paths
 from .request import Request
-from .runtime import default_workers, resolve_device
+from .runtime import loader_workers, resolve_device
 
 
 @dataclass
@@ -49,31 +50,41 @@ def prepare(method: str, inputs: Sequence[str | Path], out: str | Path, model: s
     """Check the whole request and find the work: usage errors raise before any weights are loaded.
     ``classes`` are indices or names; ``params`` the method's parameters; ``overwrite`` redoes outputs that
     are complete already."""
+    resolve_params(get_method(method), params, param_label)  # the cheapest checks first
     target = resolve_device(device)
     out = Path(out)
-    writer = OutputWriter(out)  # proves --out writable
     plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained)
     synonyms = class_synonyms_for(plan.num_classes)
     targets = tuple(resolve_class(c, synonyms) for c in classes) if classes else None
     request = Request.create(method, plan, targets, render, sweep, amp, stretch, param_label, **params)
-    paths, input_failures = find_images(inputs, exclude=out)
-    if overwrite:
-        writer.forget(request.key, paths)
-    todo, done = pending_outputs(writer, request.key, request.outputs_per_image, paths)
+    writer = OutputWriter(out)  # proves --out writable, and locks it for this run
+    try:
+        plan.check_weights_reachable()
+        paths, input_failures = find_images(inputs, exclude=out)
+        if overwrite:
+            writer.forget(request.key, paths)
+        todo, done = pending_outputs(writer, request.key, request.outputs_per_image, paths)
+    except BaseException:
+        writer.close()
+        raise
     return Job(request, plan, paths, input_failures, writer, target, todo, done)
 
 
-def execute(job: Job, batch_size: int = 8, num_workers: int | None = None, **callbacks) -> RunSummary:
+def execute(job: Job, batch_size: int = 8, num_workers: int | None = None,
+            on_notice: Callable[[str], None] = lambda text: None, **callbacks) -> RunSummary:
     """Record the inputs that could not be used, then load the model and explain what is left (callbacks:
-    see :func:`~vitexplain.run.pipeline.explain_paths`). Raises :class:`~vitexplain.models.ModelLoadError`
-    if the weights cannot be had."""
-    record = job.request.record()
-    for failure in job.input_failures:
-        job.writer.record_failure(failure.path, failure.reason, record)
-    if not job.todo:
-        return RunSummary()
-    network = build_model(job.plan).to(job.device)
-    workers = default_workers(job.device) if num_workers is None else num_workers
-    workers = min(workers, max(0, len(job.todo) - 1))  # more processes than images would only idle
-    return explain_paths(job.request, network, job.todo, job.writer, batch_size, workers, job.device,
-                         skip=job.done, **callbacks)
+    see :func:`~vitexplain.run.pipeline.explain_paths`; ``on_notice`` hears of settings changed to fit the
+    machine). Raises :class:`~vitexplain.models.ModelLoadError` if the weights cannot be had. Releases the
+    output folder's lock when done."""
+    try:
+        record = job.request.record()
+        for failure in job.input_failures:
+            job.writer.record_failure(failure.path, failure.reason, record)
+        if not job.todo:
+            return RunSummary()
+        network = build_model(job.plan).to(job.device)
+        workers = loader_workers(num_workers, job.device, len(job.todo), on_notice)
+        return explain_paths(job.request, network, job.todo, job.writer, batch_size, workers, job.device,
+                             skip=job.done, **callbacks)
+    finally:
+        job.writer.close()

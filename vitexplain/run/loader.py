@@ -8,33 +8,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from ..io.inputs import RESAMPLING, Failure, ImageDecodeError, load_image
-from ..models import Preprocessing
+from ..io.inputs import Failure, ImageDecodeError, load_image
+from ..io.preprocess import Preprocessing, to_model_input
 from .allocator import PeriodicTrim
 from .interrupts import ignore_interrupts
-
-DOWNSCALE_GAP = 3.0  # Pillow's reducing_gap: images over 6× the input size are box-reduced first
-
-
-def to_model_input(rgb: np.ndarray | Image.Image, prep: Preprocessing) -> torch.Tensor:
-    """Resize the whole image to the model's input size (no crop) and normalise: ``(3, H, W)`` float32.
-
-    An image more than ``2·DOWNSCALE_GAP`` times the input size along an axis is first reduced by an
-    integer factor (a box filter), so that the resampling filter reads at least ``DOWNSCALE_GAP`` pixels
-    per output pixel, within a level or two of a direct resize (a few levels at hard edges; tested).
-    Smaller images are resized directly."""
-    image = Image.fromarray(rgb) if isinstance(rgb, np.ndarray) else rgb
-    height, width = prep.size
-    resample = RESAMPLING.get(prep.interpolation, Image.Resampling.BICUBIC)
-    resized = image.resize((width, height), resample, reducing_gap=DOWNSCALE_GAP)
-    pixels = torch.from_numpy(np.array(resized, dtype=np.float32)).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(prep.mean).view(3, 1, 1)
-    std = torch.tensor(prep.std).view(3, 1, 1)
-    return (pixels - mean) / std
-
 
 @dataclass
 class Batch:

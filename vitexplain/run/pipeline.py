@@ -6,12 +6,14 @@ threads while the model works on the next batch.
 """
 from __future__ import annotations
 
+import io
 import time
 from collections import deque
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, ContextManager, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +21,7 @@ from torch import nn
 
 from ..io.codecs.gif import encode_gif
 from ..io.inputs import Failure, input_key
-from ..io.outputs import Content, OutputWriter, encoded_array, encoded_image
+from ..io.outputs import Content, OutputStop, OutputWriter, encoded_array, encoded_image, failure_entry
 from ..methods.base import Explainer, no_timer
 from ..models import class_names_for
 from ..render.overlay import contact_sheet, fit_within, overlay
@@ -39,8 +41,9 @@ class RunSummary:
     outputs: int = 0
     seconds: float = 0.0
     records: list[dict] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)  # one per input that failed
     interrupted: bool = False
+    stopped: str | None = None  # why the run stopped early, other than Ctrl-C
 
     @property
     def images_per_second(self) -> float:
@@ -132,12 +135,6 @@ class OrderedBackground:
             results.append(self.result(self.pending.popleft()))
         return results
 
-    def drain(self) -> list:
-        results = [self.result(future) for future in self.pending]
-        self.pending.clear()
-        self.pool.shutdown()
-        return results
-
 
 def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator[Batch]:
     """The loader's batches; with a ``timer``, the decode time and the main thread's wait are added to it.
@@ -147,7 +144,7 @@ def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator
     try:
         while True:
             started = time.perf_counter()
-            batch = next(batches, None)
+            batch = next_batch(batches)
             if batch is None:
                 return
             if timer is not None:
@@ -156,6 +153,46 @@ def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator
             yield batch
     finally:
         getattr(batches, "_shutdown_workers", lambda: None)()
+
+
+class Recorder:
+    """Appends finished outputs and failures to the manifest and the summary (failures once per input)."""
+
+    def __init__(self, writer: OutputWriter, summary: RunSummary, on_failure: Callable[[Failure], None]):
+        self.writer, self.summary, self.on_failure = writer, summary, on_failure
+        self.failed: set[str] = set()
+
+    def __call__(self, entries: Iterable[dict]) -> None:
+        for entry in entries:
+            self.writer.append_manifest(entry)
+            if entry["status"] == "ok":
+                self.summary.records.append(entry)
+            elif entry["input"] not in self.failed:
+                self.failed.add(entry["input"])
+                failure = Failure(Path(entry["input"]), entry["error"])
+                self.summary.failures.append(failure)
+                self.on_failure(failure)
+
+
+class LoaderStop(Exception):
+    """The DataLoader cannot go on (a worker died, shared memory ran out): the run stops, resumable."""
+
+
+NOT_FINITE = "the model's output is not finite (NaN or inf): are the checkpoint's weights finite?"
+
+
+def warm_up(explainer: Explainer, request: Request, device: torch.device) -> None:
+    """Run the method and the writing of one output once, on a random image and a small picture, into memory:
+    numba compiles (or loads from its cache) every kernel they use before the timed run starts."""
+    height, width = request.preprocessing.size
+    pixels = torch.randn(1, 3, height, width, generator=torch.Generator().manual_seed(0)).to(device)
+    explanation = explainer.explain(pixels, request.classes, request.sweep.ratios if request.sweep else None)
+    picture = np.full((24, 32, 3), 128, dtype=np.uint8)
+    masks = explanation.masks[0, 0].detach().float().cpu().numpy()
+    files = sweep_files(picture, masks, request.render, request.sweep) if request.sweep else single_files(
+        picture, masks[0], request.render)
+    for _suffix, content in files.values():
+        content(io.BytesIO()) if callable(content) else None
 
 
 def explain_paths(
@@ -172,28 +209,35 @@ def explain_paths(
     on_progress: Callable[[int, int], None] = lambda done, total: None,
     timer: StageTimer | None = None,
     on_stop_request: Callable[[], None] = lambda: None,
+    warming: Callable[[], ContextManager] = nullcontext,
 ) -> RunSummary:
     """Explain every image in ``paths`` as ``request`` says, with ``model`` (loaded from ``request.model``
     and on ``device``); write one output per image and target (a sweep's: one per target) except those in
     ``skip`` (``(input key, output index)``, complete already).
 
     The explainer is built from ``request`` (:meth:`Request.explainer`), so that what is computed and how
-    it is named and recorded cannot disagree. Images that cannot be decoded are reported through
+    it is named and recorded cannot disagree. The kernels are compiled first, within ``warming()`` and
+    outside the run's timing (:func:`warm_up`). An image that cannot be decoded, an output whose values are
+    not finite, or one whose files cannot be written (for that file alone) is reported through
     ``on_failure`` and recorded in the manifest; the rest go on. Ctrl-C stops the run before the next batch
-    (a second one at once; see :mod:`.interrupts`, ``on_stop_request`` is told of the first): the outputs
-    already computed are finished and recorded, and the summary says ``interrupted``: rerunning the same
-    command does the rest. With a ``timer``, wall time is summed per stage (see :mod:`.profiling`).
+    (a second one at once; see :mod:`.interrupts`, ``on_stop_request`` is told of the first); so does a
+    disk-level write error (the summary's ``stopped`` says which) or a DataLoader worker's death. Either
+    way the outputs already computed are finished and recorded: rerunning the same command does the rest.
+    With a ``timer``, wall time is summed per stage (see :mod:`.profiling`).
     """
     if not isinstance(request, Request):
         raise TypeError(f"explain_paths takes a Request (which builds the explainer), not {type(request).__name__}")
     summary = RunSummary()
-    started = time.perf_counter()
     explainer = request.explainer(model, device)
+    with warming():
+        warm_up(explainer, request, device)
+    started = time.perf_counter()
     explainer.on_progress = on_progress
     explainer.timer = timer or no_timer
     record = request.record()
     class_names = class_names_for(request.num_classes)
     background = OrderedBackground(max_pending=2 * batch_size, timer=timer)
+    recorder = Recorder(writer, summary, on_failure)
     trim = PeriodicTrim()
     trim_heap()  # before the loader forks its workers: see allocator.trim_heap
     batches = timed_batches(make_loader(paths, request.preprocessing, batch_size, num_workers,
@@ -202,25 +246,50 @@ def explain_paths(
         with StopRequests(on_stop_request) as stop:
             for batch in batches:
                 stop.raise_if_requested()
-                for failure in batch.failures:
-                    writer.record_failure(failure.path, failure.reason, record)
-                    summary.failures.append(failure)
-                    on_failure(failure)
+                recorder(failure_entry(input_key(f.path), f.reason, record) for f in batch.failures)
                 if batch.paths:
                     submit_outputs(explainer, batch, device, class_names, request, record, writer, background, skip)
-                summary.records.extend(map(writer.append_manifest, background.completed()))
+                recorder(background.completed())
                 trim()
                 summary.images += len(batch.paths) + len(batch.failures)
                 on_images(len(batch.paths) + len(batch.failures))
                 stop.raise_if_requested()
     except KeyboardInterrupt:
         summary.interrupted = True
+    except (OutputStop, LoaderStop) as error:
+        summary.stopped = str(error)
     finally:
         batches.close()  # stops the DataLoader workers now, also on Ctrl-C
-        summary.records.extend(map(writer.append_manifest, background.drain()))
+        finish(background, recorder, summary)
     summary.outputs = len(summary.records)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def finish(background: OrderedBackground, recorder: Recorder, summary: RunSummary) -> None:
+    """Record the outputs still in flight; after a disk-level stop, those that cannot be written are left
+    for the rerun."""
+    while background.pending:
+        try:
+            recorder([background.result(background.pending.popleft())])
+        except OutputStop as error:
+            summary.stopped = summary.stopped or str(error)
+    background.pool.shutdown()
+
+
+def next_batch(batches: Iterator[Batch]) -> Batch | None:
+    """The next batch (``None`` at the end); a dead worker or exhausted shared memory raise :class:`LoaderStop`."""
+    try:
+        return next(batches, None)
+    except RuntimeError as error:
+        text = str(error)
+        if "shared memory" in text or "shm" in text:
+            raise LoaderStop("DataLoader workers ran out of shared memory (/dev/shm): run again with -j 0, or give "
+                             "the container more (docker run --shm-size=1g)") from None
+        if "DataLoader worker" in text and "exited unexpectedly" in text:
+            raise LoaderStop("a DataLoader worker died (killed, or out of memory?): run the same command again to "
+                             "finish") from None
+        raise
 
 
 def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
@@ -235,8 +304,12 @@ def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, cla
     targets = None if explanation.targets is None else explanation.targets.cpu().numpy()
     for row, (path, original) in enumerate(zip(batch.paths, batch.originals)):
         key = input_key(path)
+        finite = bool(np.isfinite(masks[row]).all() and np.isfinite(probabilities[row]).all())
         for column in range(masks.shape[1]):
             if (key, column) in skip:
+                continue
+            if not finite:
+                background.submit(failure_entry, key, NOT_FINITE, record)
                 continue
             target = None if targets is None else int(targets[row, column])
             name = writer.output_name(path, record["key"], column, request.label(target))

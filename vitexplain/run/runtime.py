@@ -4,7 +4,8 @@ nothing process-wide."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
+import shutil
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     import torch
@@ -50,6 +51,26 @@ def default_workers(device: torch.device | None = None) -> int:
     if device is None or device.type == "cpu":
         return min(4, cores // 2)
     return max(1, min(12, cores - 1 - writer_threads()))
+
+
+SHARED_MEMORY = "/dev/shm"
+SHARED_MEMORY_NEEDED = 256 << 20  # a few batches of decoded full-size photos in flight
+
+
+def loader_workers(asked: int | None, device: torch.device, images: int,
+                   on_notice: Callable[[str], None] = lambda text: None) -> int:
+    """DataLoader workers for a run: as asked (or :func:`default_workers`), at most the cores and one fewer
+    than the images; none where shared memory is too small to pass batches through (Docker's default
+    64 MB ``/dev/shm``), with a notice saying what to do."""
+    workers = default_workers(device) if asked is None else asked
+    workers = max(0, min(workers, os.cpu_count() or 1, images - 1))
+    if workers and os.path.isdir(SHARED_MEMORY):
+        free = shutil.disk_usage(SHARED_MEMORY).free
+        if free < SHARED_MEMORY_NEEDED:
+            on_notice(f"only {free >> 20} MiB free in {SHARED_MEMORY}: decoding in the main process (-j 0); "
+                      "for parallel decoding give the container more (docker run --shm-size=1g)")
+            return 0
+    return workers
 
 
 def amp_dtype(device: torch.device) -> torch.dtype:
