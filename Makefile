@@ -8,7 +8,8 @@ MODEL ?= deit_tiny_patch16_224
 CHECKPOINT ?= $(wildcard ../shared/weights/$(MODEL).pth)
 CHECKPOINT_ARG := $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
 OUT ?= vitexplain-out
-# Extra pip arguments, e.g. a torch build: PIP_EXTRA="torch==2.14.1 torchvision==0.29.1"
+# Extra pip arguments, e.g. a torch build: PIP_EXTRA="torch==2.14.1 torchvision==0.29.1", or the CPU-only
+# build on a machine without a GPU: PIP_EXTRA="--extra-index-url https://download.pytorch.org/whl/cpu torch"
 PIP_EXTRA ?=
 
 .PHONY: install demo test bench examples gallery clean

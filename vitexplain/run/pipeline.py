@@ -144,7 +144,7 @@ def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator
     try:
         while True:
             started = time.perf_counter()
-            batch = next_batch(batches)
+            batch = next(batches, None)
             if batch is None:
                 return
             if timer is not None:
@@ -172,10 +172,6 @@ class Recorder:
                 failure = Failure(Path(entry["input"]), entry["error"])
                 self.summary.failures.append(failure)
                 self.on_failure(failure)
-
-
-class LoaderStop(Exception):
-    """The DataLoader cannot go on (a worker died, shared memory ran out): the run stops, resumable."""
 
 
 NOT_FINITE = "the model's output is not finite (NaN or inf): are the checkpoint's weights finite?"
@@ -256,8 +252,12 @@ def explain_paths(
                 stop.raise_if_requested()
     except KeyboardInterrupt:
         summary.interrupted = True
-    except (OutputStop, LoaderStop) as error:
+    except OutputStop as error:
         summary.stopped = str(error)
+    except RuntimeError as error:
+        summary.stopped = loader_failure(error)
+        if summary.stopped is None:
+            raise
     finally:
         batches.close()  # stops the DataLoader workers now, also on Ctrl-C
         finish(background, recorder, summary)
@@ -277,19 +277,16 @@ def finish(background: OrderedBackground, recorder: Recorder, summary: RunSummar
     background.pool.shutdown()
 
 
-def next_batch(batches: Iterator[Batch]) -> Batch | None:
-    """The next batch (``None`` at the end); a dead worker or exhausted shared memory raise :class:`LoaderStop`."""
-    try:
-        return next(batches, None)
-    except RuntimeError as error:
-        text = str(error)
-        if "shared memory" in text or "shm" in text:
-            raise LoaderStop("DataLoader workers ran out of shared memory (/dev/shm): run again with -j 0, or give "
-                             "the container more (docker run --shm-size=1g)") from None
-        if "DataLoader worker" in text and "exited unexpectedly" in text:
-            raise LoaderStop("a DataLoader worker died (killed, or out of memory?): run the same command again to "
-                             "finish") from None
-        raise
+def loader_failure(error: RuntimeError) -> str | None:
+    """Why the DataLoader cannot go on, if ``error`` says so: a worker died (torch raises that from its SIGCHLD
+    handler, wherever the main thread is) or shared memory ran out; ``None`` for any other error."""
+    text = str(error)
+    if "shared memory" in text or "shm" in text:
+        return ("DataLoader workers ran out of shared memory (/dev/shm): run again with -j 0, or give the container "
+                "more (docker run --shm-size=1g)")
+    if "DataLoader worker" in text and ("exited unexpectedly" in text or "killed by signal" in text):
+        return "a DataLoader worker died (killed, or out of memory?): run the same command again to finish"
+    return None
 
 
 def submit_outputs(explainer: Explainer, batch: Batch, device: torch.device, class_names: Sequence[str],
