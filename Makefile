@@ -45,10 +45,14 @@ gallery:
 	$(GALLERY_RUN) flow examples/images $(GALLERY_ARGS)
 	$(GALLERY_RUN) grad-rollout examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
 	$(GALLERY_RUN) grad-rollout examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
+	$(GALLERY_RUN) grad-attention examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
+	$(GALLERY_RUN) grad-attention examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
 	rm -f $(GALLERY)/manifest.jsonl $(GALLERY)/.vitexplain.lock
 
 bench: install
+	$(BIN)/python benchmarks/cli_help.py
+	$(BIN)/python benchmarks/pointing_game.py
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/sweep.py
 	$(BIN)/python benchmarks/throughput.py

@@ -2,6 +2,7 @@
 
     (a) plain timm inference (fused attention, inference mode)      (b) `rollout` end to end, overlays written
     (c) forward + backward (∂ top-1 logit / ∂ input, no weight grads) (d) `grad-rollout` end to end, overlays written
+    and each further class-specific method of --methods end to end (default: grad-attention), against (c).
 
 Prints images/s for each (the median over --rounds rounds, the four runs interleaved in every round, so
 that a noisy machine slows all of them alike) and the ratios b/a and d/c (targets on CPU, deit_tiny,
@@ -91,6 +92,8 @@ def main() -> None:
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--methods", default="grad-attention",
+                        help="further class-specific methods to run end to end against (c), comma-separated")
     args = parser.parse_args()
     keep_heap_memory()
     device = resolve_device(args.device)
@@ -120,6 +123,8 @@ def main() -> None:
             "c forward + backward": lambda: forward_backward(model, loader(), device),
             "d grad-rollout, end to end": lambda: explain("grad-rollout"),
         }
+        for method in filter(None, args.methods.split(",")):
+            runs[f"{method}, end to end"] = lambda method=method: explain(method)
         warm = paths[: 2 * args.batch_size]
         paths, all_paths = warm, paths
         for run in runs.values():  # warm-up: threads, numba cache, allocator
@@ -145,11 +150,15 @@ def main() -> None:
     for name, rate in rates.items():
         spread = ", ".join(f"{value:.1f}" for value in measured[name])
         print(f"  {name:28s} {rate:7.1f} images/s  {statistics.median(core_ms[name]):5.1f} CPU ms/image  (median of {spread})")
-    a, b, c, d = rates.values()
+    a, b, c, d, *others = rates.values()
     print(f"b/a = {b / a:.3f} (target >= 0.80)   d/c = {d / c:.3f} (target >= 0.8)")
-    a, b, c, d = measured.values()
+    for name, rate in list(rates.items())[4:]:
+        print(f"{name.split(',')[0]} / c = {rate / c:.3f} (target >= 0.8)")
+    a, b, c, d, *others = measured.values()
     print(f"round by round (each pair run back to back, so drifts of the machine's speed cancel): "
-          f"b/a {paired_ratios(b, a)}   d/c {paired_ratios(d, c)}")
+          f"b/a {paired_ratios(b, a)}   d/c {paired_ratios(d, c)}"
+          + "".join(f"   {name.split(',')[0]}/c {paired_ratios(values, c)}"
+                    for name, values in list(measured.items())[4:]))
 
 
 def paired_ratios(numerators: list[float], denominators: list[float]) -> str:

@@ -63,7 +63,7 @@ def test_a_method_in_one_file_gets_a_working_subcommand(tmp_path, toy, save_test
 
 def test_builtin_methods_declare_their_capabilities():
     methods = available_methods()
-    assert list(methods)[:3] == ["rollout", "grad-rollout", "flow"]
+    assert list(methods)[:4] == ["rollout", "grad-rollout", "flow", "grad-attention"]
     rollout, grad, flow = (methods[n] for n in ("rollout", "grad-rollout", "flow"))
     assert [p.name for p in rollout.params] == ["fusion", "discard_ratio"]
     assert [p.name for p in flow.params] == ["fusion", "discard_ratio", "solver"]

@@ -13,6 +13,8 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "AttentionFlow": ".methods.flow",
     "AttentionRollout": ".methods.rollout",
     "GradientRollout": ".methods.grad_rollout",
+    "GradientAttention": ".methods.grad_attention",
+    "gradient_attention": ".methods.grad_attention",
     "Capture": ".capture.record",
     "capture_attention": ".capture.record",
     "Explainer": ".methods.base",

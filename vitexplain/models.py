@@ -206,6 +206,7 @@ class ModelPlan:
     source: ModelSource
     preprocessing: Preprocessing
     pretrained_cfg: dict
+    depth: int  # the number of attention blocks
 
     def check_weights_reachable(self) -> None:
         """Raise :class:`ModelChoiceError` if pretrained weights are planned but cannot be had offline."""
@@ -239,7 +240,7 @@ def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, 
     else:
         source = ModelSource(name, "random", model_kwargs=options)
     return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing_for(skeleton),
-                     dict(skeleton.pretrained_cfg or {}))
+                     dict(skeleton.pretrained_cfg or {}), len(skeleton.blocks))
 
 
 def build_model(plan: ModelPlan) -> nn.Module:

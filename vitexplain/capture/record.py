@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from timm.models.vision_transformer import Block
@@ -40,16 +40,24 @@ class Capture:
     readout: Tensor
     layout: TokenLayout
 
-    def gradients(self, targets: Tensor, retain_graph: bool = True) -> list[Tensor]:
-        """``∂y_{b,c_b}/∂A_l`` for every layer, in layer order; ``targets`` is ``(B,)``.
+    def gradients(self, targets: Tensor, retain_graph: bool = True,
+                  layers: Sequence[int] | None = None) -> list[Tensor | None]:
+        """``∂y_{b,c_b}/∂A_l`` for every layer (or only ``layers``; the others ``None``), in layer order;
+        ``targets`` is ``(B,)``. Only what those gradients need is back-propagated: for the last layer alone,
+        the head and the last block.
 
         Batch items are independent, so the gradient of ``Σ_b y_{b,c_b}`` with
         respect to ``A_l[b]`` is that of item ``b``'s own target logit.
         """
         if not self.attentions[0].requires_grad:
             raise RuntimeError("capture was recorded without gradients; use capture_attention(..., with_grad=True)")
+        chosen = list(range(len(self.attentions))) if layers is None else sorted(set(layers))
         score = self.logits.gather(1, targets.view(-1, 1).to(self.logits.device)).sum()
-        return list(torch.autograd.grad(score, self.attentions, retain_graph=retain_graph))
+        found = torch.autograd.grad(score, [self.attentions[i] for i in chosen], retain_graph=retain_graph)
+        gradients: list[Tensor | None] = [None] * len(self.attentions)
+        for index, gradient in zip(chosen, found):
+            gradients[index] = gradient
+        return gradients
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:

@@ -171,6 +171,16 @@ class Explainer:
             return capture_attention(self.model, images, with_grad="gradients" in self.needs,
                                      fusion=self.recorded_fusion)
 
+    def gradient_layers(self, depth: int) -> Sequence[int] | None:
+        """The blocks whose attention gradients the method reads (``None``: all ``depth``); the backward pass
+        goes only as deep as they need."""
+        return None
+
+    @classmethod
+    def check_model(cls, settings: dict[str, Any], depth: int) -> None:
+        """Raise ``ValueError`` if ``settings`` do not fit a model of ``depth`` blocks (checked before any
+        weights are loaded)."""
+
     def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
         """The method: masks ``(B, R, gh, gw)`` from ``capture`` (and one target's per-layer ``gradients``
         ``∂y_c/∂A_l`` for class-specific methods), one per discard ratio (``R = 1`` without one)."""
@@ -190,8 +200,9 @@ class Explainer:
             capture = self.capture(images)
             logits = capture.logits.detach()
             targets = self.targets(logits, classes)
-            gradients = [capture.gradients(t, retain_graph=i < len(targets) - 1) if t is not None else None
-                         for i, t in enumerate(targets)]
+            layers = self.gradient_layers(len(capture.attentions))
+            gradients = [capture.gradients(t, retain_graph=i < len(targets) - 1, layers=layers) if t is not None
+                         else None for i, t in enumerate(targets)]
         with self.timer("method"):
             masks = torch.stack([self.masks_for(capture, g, ratios) for g in gradients], dim=1)
         stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)

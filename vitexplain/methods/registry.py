@@ -18,7 +18,8 @@ from importlib import import_module
 
 from .base import NEEDS, Explainer
 
-BUILTIN = ("vitexplain.methods.rollout", "vitexplain.methods.grad_rollout", "vitexplain.methods.flow")
+BUILTIN = ("vitexplain.methods.rollout", "vitexplain.methods.grad_rollout", "vitexplain.methods.flow",
+           "vitexplain.methods.grad_attention")
 ENTRY_POINT_GROUP = "vitexplain.methods"
 # options every command has already: a method parameter may not take one of these names
 RESERVED = frozenset({
@@ -88,7 +89,9 @@ def discover() -> None:
 def available_methods() -> dict[str, type[Explainer]]:
     """Every method by name, built-in ones first."""
     discover()
-    return dict(_registry)
+    order = {module: index for index, module in enumerate(BUILTIN)}
+    names = sorted(_registry, key=lambda name: order.get(_registry[name].__module__, len(order)))  # stable
+    return {name: _registry[name] for name in names}
 
 
 def get_method(name: str) -> type[Explainer]:

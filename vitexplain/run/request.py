@@ -54,6 +54,7 @@ class Request:
         for target in classes or ():
             if not 0 <= int(target) < model.num_classes:
                 raise ValueError(f"class index {target} is out of range: the model has classes 0..{model.num_classes - 1}")
+        explainer.check_model(settings, model.depth)
         if sweep is not None:
             if not explainer.sweepable():
                 raise ValueError(f"{method} has no discard ratio to sweep")
