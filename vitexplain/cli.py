@@ -253,11 +253,13 @@ def explain_with_progress(ready: Job, options: dict) -> RunSummary:
     from .models import ModelLoadError
     from .run import job
     from .run.pipeline import RunSummary
+    from .run.allocator import keep_heap_memory
     from .run.profiling import StageTimer
 
     if not ready.todo:
         job.execute(ready)  # records the unusable inputs
         return RunSummary()
+    keep_heap_memory()  # process-wide, so the command line's to set: see vitexplain.run.allocator
     timer = StageTimer(ready.device) if options["profile"] else None
     previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:

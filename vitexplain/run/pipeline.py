@@ -138,13 +138,18 @@ class OrderedBackground:
 
 def timed_batches(loader: Iterable[Batch], timer: StageTimer | None) -> Iterator[Batch]:
     """The loader's batches; with a ``timer``, the decode time and the main thread's wait are added to it.
+    A connection to a worker that breaks (the worker died while passing a batch over) is said as torch says a
+    dead worker: a ``RuntimeError`` (see :func:`loader_failure`).
     Closing the generator shuts the loader's worker processes down at once (not at garbage collection,
     when an interrupted run may already be exiting)."""
     batches = iter(loader)
     try:
         while True:
             started = time.perf_counter()
-            batch = next(batches, None)
+            try:
+                batch = next(batches, None)
+            except (ConnectionError, EOFError) as error:  # a worker died while its batch was passed over
+                raise RuntimeError("DataLoader worker exited unexpectedly (its connection broke)") from error
             if batch is None:
                 return
             if timer is not None:
@@ -206,6 +211,7 @@ def explain_paths(
     timer: StageTimer | None = None,
     on_stop_request: Callable[[], None] = lambda: None,
     warming: Callable[[], ContextManager] = nullcontext,
+    warm: bool = True,
 ) -> RunSummary:
     """Explain every image in ``paths`` as ``request`` says, with ``model`` (loaded from ``request.model``
     and on ``device``); write one output per image and target (a sweep's: one per target) except those in
@@ -213,7 +219,8 @@ def explain_paths(
 
     The explainer is built from ``request`` (:meth:`Request.explainer`), so that what is computed and how
     it is named and recorded cannot disagree. The kernels are compiled first, within ``warming()`` and
-    outside the run's timing (:func:`warm_up`). An image that cannot be decoded, an output whose values are
+    outside the run's timing (:func:`warm_up`; ``warm=False`` skips that, for a process that has run the
+    same request before). An image that cannot be decoded, an output whose values are
     not finite, or one whose files cannot be written (for that file alone) is reported through
     ``on_failure`` and recorded in the manifest; the rest go on. Ctrl-C stops the run before the next batch
     (a second one at once; see :mod:`.interrupts`, ``on_stop_request`` is told of the first); so does a
@@ -225,8 +232,9 @@ def explain_paths(
         raise TypeError(f"explain_paths takes a Request (which builds the explainer), not {type(request).__name__}")
     summary = RunSummary()
     explainer = request.explainer(model, device)
-    with warming():
-        warm_up(explainer, request, device)
+    if warm:
+        with warming():
+            warm_up(explainer, request, device)
     started = time.perf_counter()
     explainer.on_progress = on_progress
     explainer.timer = timer or no_timer

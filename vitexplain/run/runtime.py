@@ -12,13 +12,12 @@ if TYPE_CHECKING:
 
 
 def configure_process() -> None:
-    """For a command-line run: shorter OpenMP spin-waits (before torch loads, :mod:`.openmp`) and a heap
-    that keeps freed blocks for the next batch (:mod:`.allocator`)."""
-    from .allocator import keep_heap_memory
+    """For a command-line run, at its start: shorter OpenMP spin-waits (before torch loads, :mod:`.openmp`).
+    The heap setting (:func:`.allocator.keep_heap_memory`) comes later, just before the weights load: set
+    earlier, the blocks freed while torch imports and a checkpoint is read would stay on the heap too."""
     from .openmp import shorten_spin_wait
 
     shorten_spin_wait()
-    keep_heap_memory()
 
 
 def resolve_device(name: str) -> torch.device:
