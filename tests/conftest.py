@@ -71,3 +71,23 @@ def build_offline_hf_cache(home: Path, names=("deit_tiny_patch16_224",)) -> Path
         state = torch.load(SHARED / "weights" / f"{name}.pth", map_location="cpu", weights_only=True)
         save_file({key: value.contiguous() for key, value in state.items()}, str(snapshot / "model.safetensors"))
     return home
+
+
+def invoke(*args, app=None):
+    """Run the command line in-process (``app``: another build of it), arguments as strings; exceptions raise."""
+    from typer.testing import CliRunner
+
+    if app is None:
+        from vitexplain.cli import app
+    return CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def said(result) -> str:
+    """What a command printed, on one line (rich wraps at the terminal width)."""
+    return " ".join(result.output.split())
+
+
+def read_manifest(out: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]

@@ -11,28 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from conftest import SHARED, needs_shared, write_image
+from conftest import SHARED, invoke, needs_shared, read_manifest as manifest, said as text, write_image
 import vitexplain.io.outputs as outputs
 import vitexplain.run.job as job
 import vitexplain.run.pipeline as pipeline
-from vitexplain.cli import app
 from vitexplain.io.inputs import ImageDecodeError, load_image
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def text(result) -> str:
-    return " ".join(result.output.split())
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
 
 
 @pytest.fixture

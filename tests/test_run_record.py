@@ -11,11 +11,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from typer.testing import CliRunner
 
-from conftest import write_image
+from conftest import invoke, read_manifest as manifest, said as text, write_image
 from vitexplain import AttentionRollout, GradientRollout
-from vitexplain.cli import app
 from vitexplain.io.inputs import load_rgb
 from vitexplain.io.outputs import OutputWriter, digest
 from vitexplain.models import build_model, plan_model
@@ -24,19 +22,6 @@ from vitexplain.run.options import RenderOptions, SweepOptions
 from vitexplain.run.pipeline import explain_paths
 from vitexplain.run.request import Request
 
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-
-
-def text(result) -> str:
-    return " ".join(result.output.split())
-
-
-def manifest(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
 
 
 def fingerprints(folder: Path) -> dict[str, tuple[int, str]]:
