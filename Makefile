@@ -47,6 +47,10 @@ gallery:
 	$(GALLERY_RUN) grad-rollout examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) grad-attention examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
 	$(GALLERY_RUN) grad-attention examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
+	$(GALLERY_RUN) chefer examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
+	$(GALLERY_RUN) chefer examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
+	$(GALLERY_RUN) legrad examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
+	$(GALLERY_RUN) legrad examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
 	rm -f $(GALLERY)/manifest.jsonl $(GALLERY)/.vitexplain.lock
 

@@ -35,6 +35,11 @@ SETTINGS = [  # (method, parameters)
     ("grad-attention", {"layers": "2", "negatives": "heads"}),
     ("grad-attention", {"layers": "all", "negatives": "fused"}),
     ("grad-attention", {"layers": "all", "negatives": "heads"}),
+    ("chefer", {}),
+    ("legrad", {"layers": "1"}),
+    ("legrad", {"layers": "2"}),
+    ("legrad", {"layers": "4"}),
+    ("legrad", {"layers": "all"}),
 ]
 
 
@@ -79,7 +84,7 @@ def main() -> None:
     targets = [torch.tensor([classes[order[position]] for order in orders]) for position in range(4)]
     print(f"{len(pictures)} grids × 4 tiles of {', '.join(p.name for p in args.photos)} (classes {classes}), "
           f"deit_tiny_patch16_224; chance 0.25")
-X
+    print(f"{'method':15s} {'settings':42s} share in the right tile")
     for method, params in SETTINGS:
         explainer = get_method(method)(model, **params)
         shares = []

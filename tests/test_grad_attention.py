@@ -131,4 +131,4 @@ def test_command_line_names_checks_and_no_sweep(tmp_path, save_test_vit):
         bad = runner.invoke(app, ["grad-attention", str(image), "--layers", layers, *common])
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()), bad.output
     sweep = runner.invoke(app, ["sweep", str(image), "--method", "grad-attention", *common])
-    assert sweep.exit_code == 2 and "'grad-attention' is not one of" in " ".join(sweep.output.split())
+    assert sweep.exit_code == 2 and "grad-attention has no discard ratio to sweep" in " ".join(sweep.output.split())

@@ -148,11 +148,14 @@ def sweep_command(methods: dict[str, type[Explainer]]) -> Callable[..., None]:
         for p in m.params:
             if p.name != "discard_ratio":
                 params.setdefault(p.name, p)
-    MethodChoice = choices("MethodChoice", sweepable)
-    MethodOpt = Annotated[MethodChoice, typer.Option("--method", help="Which explanation to sweep.", rich_help_panel=METHOD_PANEL)]
+    MethodChoice = choices("MethodChoice", methods)
+    MethodOpt = Annotated[MethodChoice, typer.Option("--method", help=f"Which explanation to sweep: {', '.join(sweepable)} "
+                                                     "(the methods with a discard ratio).", rich_help_panel=METHOD_PANEL)]
 
     def command(**options) -> None:
         name = value(options.pop("method"))
+        if name not in sweepable:
+            raise fail(f"{name} has no discard ratio to sweep; sweep takes {', '.join(sweepable)}", code=2)
         given = {n: value(options.pop(n)) for n in params if options.get(n) is not None}
         for n in params:
             options.pop(n, None)

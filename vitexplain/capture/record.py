@@ -17,7 +17,7 @@ outputs nothing reads.
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -39,6 +39,7 @@ class Capture:
     attentions: list[Tensor]
     readout: Tensor
     layout: TokenLayout
+    block_outputs: list[Tensor] | None = None  # z_l per block, with ``block_outputs=True``
 
     def gradients(self, targets: Tensor, retain_graph: bool = True,
                   layers: Sequence[int] | None = None) -> list[Tensor | None]:
@@ -104,6 +105,23 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
 
 
 @contextmanager
+def separated_blocks(model: nn.Module) -> Iterator[list[Tensor]]:
+    """Within the context, each block reads a detached copy of the previous block's output (the same values)
+    and its output ``z_l`` is appended to the yielded list. Then ``z_l`` depends on block ``l``'s attention
+    alone, not on earlier blocks', so one backward pass of ``Σ_l s(z_l)`` gives every ``∂s(z_l)/∂A_l``."""
+    outputs: list[Tensor] = []
+    hooks = []
+    for block in model.blocks:
+        hooks.append(block.register_forward_pre_hook(lambda _m, args: (args[0].detach(), *args[1:])))
+        hooks.append(block.register_forward_hook(lambda _m, _args, output: outputs.append(output)))
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
 def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[None]:
     """Within the context, the last block returns only the prefix tokens, if the head reads nothing else.
 
@@ -132,20 +150,22 @@ def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[No
 
 
 def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
-                      fusion: Fusion | None = None) -> Capture:
+                      fusion: Fusion | None = None, block_outputs: bool = False) -> Capture:
     """Run ``model`` on ``images`` ``(B, 3, H, W)`` and record what the methods need.
 
     With ``with_grad`` the graph is kept so that :meth:`Capture.gradients` can
     differentiate target logits with respect to each layer's attention. With a
     ``fusion``, each layer's heads are fused as soon as they are produced,
     ``(B, H, N, N) → (B, 1, N, N)``, so that the full maps of all layers are never
-    held at once. Raises :class:`.support.UnsupportedModelError` if a block records something other than
-    its attention matrix.
+    held at once. With ``block_outputs`` every block's output ``z_l`` is kept too, each block reading a
+    detached copy of the previous one's (:func:`separated_blocks`; the same logits). Raises
+    :class:`.support.UnsupportedModelError` if a block records something other than its attention matrix.
     """
     layout = token_layout(model, tuple(images.shape[-2:]))
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
+    separated = separated_blocks(model) if block_outputs else nullcontext(None)
     with grad_mode, explicit_attention(model, fusion) as attentions, pool_input(model) as pooled, \
-            prefix_only_last_block(model, layout):
+            prefix_only_last_block(model, layout), separated as outputs:
         logits = model(images)
     if len(attentions) != len(model.blocks):
         raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
@@ -155,4 +175,4 @@ def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
             f"{layout.grid[0]}×{layout.grid[1]} patches"
         )
     readout = readout_weights(model, layout, images.shape[0], pooled[0] if pooled else None, images.device)
-    return Capture(logits, list(attentions), readout, layout)
+    return Capture(logits, list(attentions), readout, layout, outputs)

@@ -8,7 +8,8 @@ A method is a subclass of :class:`Explainer` in a module of its own, registered 
   record its names and resume key;
 - its **capabilities**: ``class_specific`` (one map per target class, needs gradients), ``sweepable``
   (has a discard ratio that ``sweep`` varies), ``stretch_overlay`` (overlays drawn over the mask's own
-  range by default) and ``needs`` (what the capture must record: ``attentions``, ``gradients``);
+  range by default) and ``needs`` (what the capture must record: ``attentions``, ``gradients``,
+  ``block_outputs``);
 - and one computation, :meth:`Explainer.masks_for`: masks from what the capture recorded.
 
 Rollout-style methods subclass :class:`RolloutExplainer` and define only their per-head weighting
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
 
     from ..capture.record import Capture
 
-NEEDS = frozenset({"attentions", "gradients"})
+NEEDS = frozenset({"attentions", "gradients", "block_outputs"})
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,13 @@ class Explainer:
         autocast = torch.autocast(images.device.type, dtype=self.amp) if self.amp else nullcontext()
         with autocast:
             return capture_attention(self.model, images, with_grad="gradients" in self.needs,
-                                     fusion=self.recorded_fusion)
+                                     fusion=self.recorded_fusion, block_outputs="block_outputs" in self.needs)
+
+    def target_gradients(self, capture: Capture, targets: Tensor, retain_graph: bool) -> list[Tensor | None]:
+        """Per block, the gradient the method weighs attention with, for one ``(B,)`` target each image:
+        ``∂y_c/∂A_l`` of the target logit for the blocks of :meth:`gradient_layers` (``None`` for the others)."""
+        return capture.gradients(targets, retain_graph=retain_graph,
+                                 layers=self.gradient_layers(len(capture.attentions)))
 
     def gradient_layers(self, depth: int) -> Sequence[int] | None:
         """The blocks whose attention gradients the method reads (``None``: all ``depth``); the backward pass
@@ -200,8 +207,7 @@ class Explainer:
             capture = self.capture(images)
             logits = capture.logits.detach()
             targets = self.targets(logits, classes)
-            layers = self.gradient_layers(len(capture.attentions))
-            gradients = [capture.gradients(t, retain_graph=i < len(targets) - 1, layers=layers) if t is not None
+            gradients = [self.target_gradients(capture, t, retain_graph=i < len(targets) - 1) if t is not None
                          else None for i, t in enumerate(targets)]
         with self.timer("method"):
             masks = torch.stack([self.masks_for(capture, g, ratios) for g in gradients], dim=1)

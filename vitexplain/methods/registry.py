@@ -19,7 +19,7 @@ from importlib import import_module
 from .base import NEEDS, Explainer
 
 BUILTIN = ("vitexplain.methods.rollout", "vitexplain.methods.grad_rollout", "vitexplain.methods.flow",
-           "vitexplain.methods.grad_attention")
+           "vitexplain.methods.grad_attention", "vitexplain.methods.chefer", "vitexplain.methods.legrad")
 ENTRY_POINT_GROUP = "vitexplain.methods"
 # options every command has already: a method parameter may not take one of these names
 RESERVED = frozenset({
