@@ -21,11 +21,12 @@ from .base import NEEDS, Explainer
 BUILTIN = ("vitexplain.methods.rollout", "vitexplain.methods.grad_rollout", "vitexplain.methods.flow",
            "vitexplain.methods.grad_attention", "vitexplain.methods.chefer", "vitexplain.methods.legrad")
 ENTRY_POINT_GROUP = "vitexplain.methods"
-# options every command has already: a method parameter may not take one of these names
+# options every command has, and the other arguments of Request.create and prepare: no method parameter may
+# take one of these names
 RESERVED = frozenset({
     "inputs", "out", "model", "checkpoint", "classes", "batch_size", "device", "num_workers", "colormap", "alpha",
     "save_raw", "stretch", "max_side", "image_format", "overwrite", "profile", "amp", "method", "ratios", "fps",
-    "gif", "grid", "help", "version",
+    "gif", "grid", "help", "version", "render", "param_label", "pretrained",
 })
 NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
