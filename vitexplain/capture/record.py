@@ -52,8 +52,12 @@ class Capture:
         """
         if not self.attentions[0].requires_grad:
             raise RuntimeError("capture was recorded without gradients; use capture_attention(..., with_grad=True)")
-        chosen = list(range(len(self.attentions))) if layers is None else sorted(set(layers))
         score = self.logits.gather(1, targets.view(-1, 1).to(self.logits.device)).sum()
+        return self.gradients_of(score, range(len(self.attentions)) if layers is None else layers, retain_graph)
+
+    def gradients_of(self, score: Tensor, layers: Sequence[int], retain_graph: bool = True) -> list[Tensor | None]:
+        """``∂score/∂A_l`` for the blocks ``layers`` (``None`` for the others), in layer order."""
+        chosen = sorted(set(layers))
         found = torch.autograd.grad(score, [self.attentions[i] for i in chosen], retain_graph=retain_graph)
         gradients: list[Tensor | None] = [None] * len(self.attentions)
         for index, gradient in zip(chosen, found):

@@ -88,6 +88,18 @@ def check_discard_ratio(ratio: float) -> float:
     return DISCARD_RATIO.parse(ratio, "discard ratio")
 
 
+def layers_problem(value: str) -> str | None:
+    return None if value == "all" or (value.isdigit() and int(value) >= 1) else "must be a number of blocks (1, 2, …) or 'all'"
+
+
+def chosen_layers(layers: str, depth: int) -> list[int]:
+    """The block indices a ``layers`` setting names: the last ``K``, or all ``depth``."""
+    count = depth if layers == "all" else int(layers)
+    if count > depth:
+        raise ValueError(f"--layers {count}: the model has {depth} blocks")
+    return list(range(depth - count, depth))
+
+
 FUSION = Param("fusion", str, "mean", "How to fuse attention heads per layer.", choices=FUSIONS, tag="")
 DISCARD_RATIO = Param("discard_ratio", float, 0.9, "Fraction of each layer's lowest fused attention entries zeroed, "
                       "in [0, 1).", check=unit_interval_problem, tag="d")
@@ -235,6 +247,18 @@ class Explainer:
         ``(B,)`` tensor) defaults to each image's top-1."""
         classes = None if target is None else [target]
         return self.explain(images, classes).masks[:, 0, 0]
+
+
+class LastBlocksExplainer(Explainer):
+    """A method that reads the last blocks only (its ``layers`` parameter: a number, or ``all``): checked
+    against the model's depth before any weights load, and the backward pass goes no deeper."""
+
+    @classmethod
+    def check_model(cls, settings: dict[str, Any], depth: int) -> None:
+        chosen_layers(settings["layers"], depth)
+
+    def gradient_layers(self, depth: int) -> Sequence[int]:
+        return chosen_layers(self.settings["layers"], depth)
 
 
 class RolloutExplainer(Explainer):

@@ -11,9 +11,9 @@ through the head and that block.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from .base import FUSION, Explainer, Param
+from .base import FUSION, LastBlocksExplainer, Param, layers_problem
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -26,23 +26,11 @@ if TYPE_CHECKING:
 NEGATIVES = ("fused", "heads")
 
 
-def layers_problem(value: str) -> str | None:
-    return None if value == "all" or (value.isdigit() and int(value) >= 1) else "must be a number of blocks (1, 2, …) or 'all'"
-
-
 LAYERS = Param("layers", str, "1", "How many of the last blocks to average: a number, or 'all'.", check=layers_problem,
                tag="l")
 NEGATIVE_REMOVAL = Param("negatives", str, "fused", "Remove negative contributions after fusing the heads ('fused', "
                          "as gradient rollout does) or per head before ('heads'; with --layers all: Grad-SAM).",
                          choices=NEGATIVES, tag="")
-
-
-def chosen_layers(layers: str, depth: int) -> list[int]:
-    """The block indices ``--layers`` names: the last ``K``, or all ``depth``."""
-    count = depth if layers == "all" else int(layers)
-    if count > depth:
-        raise ValueError(f"--layers {count}: the model has {depth} blocks")
-    return list(range(depth - count, depth))
 
 
 def gradient_attention(attentions: Sequence[Tensor], gradients: Sequence[Tensor], readout: Tensor,
@@ -72,7 +60,7 @@ def gradient_attention(attentions: Sequence[Tensor], gradients: Sequence[Tensor]
 
 
 @register_method
-class GradientAttention(Explainer):
+class GradientAttention(LastBlocksExplainer):
     """Class-specific gradient-weighted attention of the last block(s)."""
 
     name = "grad-attention"
@@ -84,15 +72,8 @@ class GradientAttention(Explainer):
     class_specific = True
     needs = frozenset({"attentions", "gradients"})
 
-    @classmethod
-    def check_model(cls, settings: dict[str, Any], depth: int) -> None:
-        chosen_layers(settings["layers"], depth)
-
-    def gradient_layers(self, depth: int) -> Sequence[int]:
-        return chosen_layers(self.settings["layers"], depth)
-
     def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
-        chosen = chosen_layers(self.settings["layers"], len(capture.attentions))
+        chosen = self.gradient_layers(len(capture.attentions))
         masks = gradient_attention([capture.attentions[i].detach() for i in chosen], [gradients[i] for i in chosen],
                                    capture.readout, capture.layout, self.settings["fusion"], self.settings["negatives"])
         return masks.unsqueeze(1)

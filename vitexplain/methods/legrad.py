@@ -15,8 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from .base import Explainer, Param
-from .grad_attention import chosen_layers, layers_problem
+from .base import LastBlocksExplainer, Param, layers_problem
 from .registry import register_method
 
 if TYPE_CHECKING:
@@ -53,7 +52,7 @@ def legrad_map(gradients: Sequence[Tensor], layout: TokenLayout) -> Tensor:
 
 
 @register_method
-class LeGrad(Explainer):
+class LeGrad(LastBlocksExplainer):
     """LeGrad for chosen classes."""
 
     name = "legrad"
@@ -65,23 +64,10 @@ class LeGrad(Explainer):
     class_specific = True
     needs = frozenset({"attentions", "gradients", "block_outputs"})
 
-    @classmethod
-    def check_model(cls, settings: dict, depth: int) -> None:
-        chosen_layers(settings["layers"], depth)
-
-    def gradient_layers(self, depth: int) -> Sequence[int]:
-        return chosen_layers(self.settings["layers"], depth)
-
     def target_gradients(self, capture: Capture, targets: Tensor, retain_graph: bool) -> list[Tensor | None]:
-        import torch
-
         chosen = self.gradient_layers(len(capture.attentions))
         score = layer_scores(self.model, [capture.block_outputs[i] for i in chosen], targets)
-        found = torch.autograd.grad(score, [capture.attentions[i] for i in chosen], retain_graph=retain_graph)
-        gradients: list[Tensor | None] = [None] * len(capture.attentions)
-        for index, gradient in zip(chosen, found):
-            gradients[index] = gradient
-        return gradients
+        return capture.gradients_of(score, chosen, retain_graph)
 
     def masks_for(self, capture: Capture, gradients: list[Tensor] | None, discard_ratios: Sequence[float]) -> Tensor:
         chosen = self.gradient_layers(len(capture.attentions))
