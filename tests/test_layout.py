@@ -98,3 +98,10 @@ def test_help_and_version_answer_without_torch():
     version = subprocess.run([sys.executable, "-m", "vitexplain", "--version"], capture_output=True, text=True,
                              cwd=ROOT, timeout=60)
     assert version.stdout.strip() == f"vitexplain {__import__('vitexplain').__version__}"
+
+
+def test_the_command_line_default_model_is_the_library_default():
+    import vitexplain.cli as cli
+    import vitexplain.models as models
+
+    assert cli.DEFAULT_MODEL == models.DEFAULT_MODEL  # written twice so that --help needs no timm

@@ -193,7 +193,8 @@ def warm_up(explainer: Explainer, request: Request, device: torch.device) -> Non
     files = sweep_files(picture, masks, request.render, request.sweep) if request.sweep else single_files(
         picture, masks[0], request.render)
     for _suffix, content in files.values():
-        content(io.BytesIO()) if callable(content) else None
+        if callable(content):  # an encoder still to run (a GIF is encoded already)
+            content(io.BytesIO())
 
 
 def explain_paths(
