@@ -13,14 +13,17 @@ the rest of that capture: the same maps, a little slower.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from timm.models.vision_transformer import Attention
 from torch import Tensor, nn
 
 from .fusion import Fusion
-from .support import check_recorded
+from .support import check_shape, row_statistics
+
+if TYPE_CHECKING:
+    from .record import Recorded
 
 NATIVE_OP = "_native_multi_head_attention"
 
@@ -71,7 +74,7 @@ def native_attention(module: nn.Module, x: Tensor, average: bool) -> tuple[Tenso
     return out, weights
 
 
-def native_recording_forward(module: nn.Module, recorded: list[Tensor], fusion: Fusion | None,
+def native_recording_forward(module: nn.Module, recorded: Recorded, fusion: Fusion | None,
                              keep: Callable[[Tensor], Tensor], state: NativeState) -> Callable[..., Tensor]:
     """A forward for ``module`` that records its attention through the native kernel when nothing needs
     more (no gradients, eval mode, CPU, no autocast, no mask) and the kernel works; else timm's explicit
@@ -84,7 +87,8 @@ def native_recording_forward(module: nn.Module, recorded: list[Tensor], fusion: 
             result = native_attention(module, x, average)
             if result is not None:
                 out, weights = result
-                check_recorded(weights, module)
+                check_shape(weights, module)
+                recorded.statistics.append((module, row_statistics(weights)))
                 recorded.append(weights.float().unsqueeze(1) if average else keep(weights))
                 return out
             state.failed = True

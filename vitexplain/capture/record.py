@@ -6,7 +6,8 @@ attention matrix. While recording, each block's attention is switched to timm's 
 keeps its output: exactly the matrix the block multiplies with ``v``. Both paths compute the same
 function; logits agree to float rounding (tested). Without gradients, plain blocks on CPU are recorded
 through the native attention kernel instead (:mod:`.native`), with the explicit path as its fallback.
-Every recorded map is checked (:func:`.support.check_recorded`).
+Every recorded map is checked (:mod:`.support`): its shape at once, its values after the pass, all layers'
+statistics in one copy from the device.
 
 Gradients are taken with ``torch.autograd.grad`` with respect to the recorded tensors themselves, so they
 come back in layer order (module backward hooks would deliver them last layer first).
@@ -27,7 +28,7 @@ from torch import Tensor, nn
 
 from .fusion import Fusion, fuse_heads
 from .native import NativeState, has_native_kernel, native_recording_forward
-from .support import check_recorded
+from .support import check_shape, check_statistics, row_statistics
 from .tokens import TokenLayout, pool_input, readout_weights, token_layout
 
 
@@ -70,13 +71,22 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
     return [block.attn for block in model.blocks]
 
 
+class Recorded(list):
+    """The recorded maps, layer by layer, and the row statistics of each for the check after the pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.statistics: list[tuple[nn.Module, Tensor]] = []
+
+
 @contextmanager
 def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterator[list[Tensor]]:
     """Within the context, each block's attention probabilities are appended to the yielded list as they
     are produced: ``(B, H, N, N)``, or ``(B, 1, N, N)`` fused over heads with ``fusion`` if given. Each is
-    checked before it is kept (:func:`.support.check_recorded`)."""
+    checked by shape before it is kept; ``recorded.statistics`` holds ``(module, row statistics)`` for
+    :func:`.support.check_statistics`, which :func:`capture_attention` calls after the pass."""
     modules = attention_modules(model)
-    recorded: list[Tensor] = []
+    recorded = Recorded()
     saved = [getattr(m, "fused_attn", None) for m in modules]
 
     def keep(attention: Tensor) -> Tensor:
@@ -84,7 +94,8 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
 
     def recorder(module: nn.Module):
         def hook(_dropout, _inputs, attention: Tensor) -> None:
-            check_recorded(attention, module)
+            check_shape(attention, module)
+            recorded.statistics.append((module, row_statistics(attention)))
             recorded.append(keep(attention))
         return hook
 
@@ -171,6 +182,7 @@ def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
     with grad_mode, explicit_attention(model, fusion) as attentions, pool_input(model) as pooled, \
             prefix_only_last_block(model, layout), separated as outputs:
         logits = model(images)
+    check_statistics(attentions.statistics)
     if len(attentions) != len(model.blocks):
         raise RuntimeError(f"recorded {len(attentions)} attention maps for {len(model.blocks)} blocks")
     if attentions[0].shape[-1] != layout.num_tokens:  # checked on the last axis, which fusion keeps

@@ -10,6 +10,9 @@ their own (NaFlexViT, EVA, BEiT, Swin): they are refused with one clear line, ne
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import torch
 from torch import Tensor, nn
 
 ROW_TOLERANCE = 1e-2  # |row sum − 1| allowed: float32 is ~1e-6, bfloat16 / float16 softmax ~4e-3
@@ -42,26 +45,44 @@ def check_supported(model: nn.Module, name: str) -> None:
             f"to the values: vitexplain explains blocks with timm's Attention")
 
 
-def check_recorded(attention: Tensor, module: nn.Module) -> None:
-    """Raise :class:`UnsupportedModelError` unless ``attention`` ``(B, H, N, N)`` (or the head mean
-    ``(B, N, N)``) recorded for ``module`` has its heads, is square, and — where finite — non-negative with
-    rows summing to 1. The first sample of the batch is checked (a model's behaviour does not change within a
-    batch); non-finite values are left to the outputs, which fail with that reason."""
+def check_shape(attention: Tensor, module: nn.Module) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``attention`` — ``(B, H, N, N)``, or the head mean
+    ``(B, N, N)`` — recorded for ``module`` is square and has the module's heads. Reads no values."""
     heads = getattr(module, "num_heads", None)
+    square = attention.dim() in (3, 4) and attention.shape[-1] == attention.shape[-2]
+    if not square or (heads is not None and attention.dim() == 4 and attention.shape[1] != heads):
+        raise UnsupportedModelError(
+            f"{type(module).__name__} recorded attention of shape {tuple(attention.shape)}, not (batch, {heads} "
+            "heads, tokens, tokens): it is not the matrix the block applies to its values")
+
+
+def row_statistics(attention: Tensor) -> Tensor:
+    """``[all finite, smallest entry, smallest row sum, largest row sum]`` of the first sample of
+    ``attention``, on its device: computed without waiting for it (no copy to the host)."""
     sample = attention.detach()[0].float()
-    if sample.dim() == 2:
-        sample = sample.unsqueeze(0)
-    where = type(module).__name__
-    if sample.dim() != 3 or sample.shape[-1] != sample.shape[-2] or (heads is not None and attention.dim() == 4
-                                                                     and sample.shape[0] != heads):
-        raise UnsupportedModelError(
-            f"{where} recorded attention of shape {tuple(attention.shape)}, not (batch, {heads} heads, tokens, "
-            "tokens): it is not the matrix the block applies to its values")
-    if not bool(sample.isfinite().all()):
-        return  # NaN or inf weights, not a wrong module: the outputs fail one by one (their values are not finite)
     sums = sample.sum(dim=-1)
-    if float(sample.amin()) < -ROW_TOLERANCE or float((sums - 1).abs().amax()) > ROW_TOLERANCE:
-        raise UnsupportedModelError(
-            f"{where} recorded a tensor that is not row-stochastic attention (entries ≥ {float(sample.amin()):.3g}, "
-            f"rows summing to {float(sums.amin()):.3g}–{float(sums.amax()):.3g}): it is not the matrix the block "
-            "applies to its values")
+    return torch.stack([sample.isfinite().all().float(), sample.amin(), sums.amin(), sums.amax()])
+
+
+def check_statistics(recorded: Sequence[tuple[nn.Module, Tensor]]) -> None:
+    """Raise :class:`UnsupportedModelError` unless every recorded map — by its :func:`row_statistics`, fetched
+    in one copy — is, where finite, non-negative with rows summing to 1. The first sample of each batch is
+    checked (a model's behaviour does not change within a batch); non-finite values are left to the outputs,
+    which fail with that reason."""
+    if not recorded:
+        return
+    values = torch.stack([statistics.to(recorded[0][1].device) for _, statistics in recorded]).cpu().tolist()
+    for (module, _), (finite, smallest, low, high) in zip(recorded, values):
+        if not finite:
+            continue  # NaN or inf weights, not a wrong module: the outputs fail one by one
+        if smallest < -ROW_TOLERANCE or max(abs(low - 1), abs(high - 1)) > ROW_TOLERANCE:
+            raise UnsupportedModelError(
+                f"{type(module).__name__} recorded a tensor that is not row-stochastic attention (entries ≥ "
+                f"{smallest:.3g}, rows summing to {low:.3g}–{high:.3g}): it is not the matrix the block applies "
+                "to its values")
+
+
+def check_recorded(attention: Tensor, module: nn.Module) -> None:
+    """:func:`check_shape` and :func:`check_statistics` for one recorded map."""
+    check_shape(attention, module)
+    check_statistics([(module, row_statistics(attention))])
