@@ -33,7 +33,7 @@ EXIT_CODES_HELP = "Exit codes: 0 all inputs explained; 1 some inputs failed (see
 DEFAULT_MODEL = "deit_tiny_patch16_224"  # as vitexplain.models.DEFAULT_MODEL, which imports timm
 console = Console(stderr=True)
 
-MODEL_PANEL, OUTPUT_PANEL, RUN_PANEL, METHOD_PANEL = "Model", "Output", "Run", "Method"
+MODEL_PANEL, OUTPUT_PANEL, RUN_PANEL, METHOD_PANEL, EVALUATE_PANEL = "Model", "Output", "Run", "Method", "Evaluation"
 
 
 def choices(name: str, values) -> type[Enum]:
@@ -43,6 +43,7 @@ def choices(name: str, values) -> type[Enum]:
 DeviceChoice = choices("DeviceChoice", ("auto", "cpu", "cuda", "mps"))
 ColormapChoice = choices("ColormapChoice", COLORMAPS)
 FormatChoice = choices("FormatChoice", IMAGE_FORMATS)
+BaselineChoice = choices("BaselineChoice", ("mean", "blur"))
 
 Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively; never inside --out).", show_default=False)]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays, raw masks and manifest.jsonl.", rich_help_panel=OUTPUT_PANEL)]
@@ -88,16 +89,18 @@ def warn(text: str) -> None:
     console.print(f"[yellow]warning:[/] {literal(text)}", highlight=False, soft_wrap=True)
 
 
-def param_option(param: Param, panel: str = METHOD_PANEL) -> inspect.Parameter:
+def param_option(param: Param, panel: str = METHOD_PANEL, help_text: str | None = None) -> inspect.Parameter:
     """A command-line option for a method parameter. Its default is ``None`` (the method's own default
-    applies, shown in the help), so that the command can tell which parameters were given."""
+    applies, shown in the help unless ``help_text`` replaces it), so that the command can tell which
+    parameters were given."""
     if param.choices is not None:
         kind: Any = choices(f"{param.name.title()}Choice", param.choices)
     else:
         kind = param.type
     default = f"{param.default:g}" if isinstance(param.default, float) else str(param.default)
     names = [f"{param.flag}/--no-{param.flag[2:]}"] if param.type is bool else [param.flag]
-    option = typer.Option(*names, help=escape(f"{param.help} [default: {default}]"), show_default=False, rich_help_panel=panel)
+    text = help_text or f"{param.help} [default: {default}]"
+    option = typer.Option(*names, help=escape(text), show_default=False, rich_help_panel=panel)
     return inspect.Parameter(param.name, inspect.Parameter.KEYWORD_ONLY, default=None,
                              annotation=Annotated[Optional[kind], option])
 
@@ -109,6 +112,9 @@ COMMON = [
     ("save_raw", SaveRawOpt, False), ("max_side", MaxSideOpt, None), ("image_format", FormatOpt, FormatChoice.png),
     ("overwrite", OverwriteOpt, False), ("profile", ProfileOpt, False), ("amp", AmpOpt, False),
 ]
+
+
+EVALUATE_COMMON = ("model", "checkpoint", "batch_size", "device", "num_workers", "overwrite", "amp")
 
 
 def option(name: str, annotation, default) -> inspect.Parameter:
@@ -190,6 +196,64 @@ SWEEP_HELP = """The same image over many discard ratios, as an animated GIF (and
 One forward pass (and one backward for class-specific methods) per image, however many ratios. Example: vitexplain sweep img.png --method rollout --fusion max --ratios 0:0.99:20 --grid"""
 
 
+EVALUATE_HELP = escape("""How faithful each method's maps are: deletion and insertion AUC, and the grid pointing game.
+
+Deletion / insertion (RISE): the map ranks the model's patches; over --steps steps its top patches are set to the baseline (deletion: the score should fall fast, lower AUC is better) or restored from it (insertion: higher is better). The score is the softmax probability of the target: each image's top-1, or --class.
+
+Grid pointing game (B-cos): 2×2 grids of four inputs with different predicted classes; each tile's class is explained, the score is the share of the map's mass in that tile (chance 0.25; class-specific methods only). A random map is always evaluated, as the baseline row.
+
+Per-method settings go in brackets: --methods 'rollout[fusion=max,discard-ratio=0.95],legrad[layers=1]'. A method option given as a flag (--discard-ratio 0.5) applies to every listed method that has it.
+
+Writes evaluation.jsonl (one line per input × method × target, with the curves), summary.json, summary.csv and curves.png into --out; reruns skip what is done.
+
+Example: vitexplain evaluate images/ --methods rollout,grad-attention,legrad --metrics deletion,insertion""")
+
+
+def evaluate_command(methods: dict[str, type[Explainer]]) -> Callable[..., None]:
+    """``evaluate``: the common model and run options, the metric settings, and every method parameter as a
+    flag applying to the listed methods that declare it."""
+    params: dict[str, Param] = {}
+    for m in methods.values():
+        for p in m.params:
+            params.setdefault(p.name, p)
+
+    def command(**options) -> None:
+        shared = {n: value(options.pop(n)) for n in params if options.get(n) is not None}
+        for n in params:
+            options.pop(n, None)
+        run_evaluation(options, shared)
+
+    def flag(name: str, kind, default, help_text: str, **extra) -> inspect.Parameter:
+        return option(name, Annotated[kind, typer.Option(f"--{name.replace('_', '-')}", help=help_text,
+                                                         rich_help_panel=EVALUATE_PANEL, **extra)], default)
+
+    def shared_option(param: Param) -> inspect.Parameter:
+        users = [m.name for m in methods.values() if any(p.name == param.name for p in m.params)]
+        return param_option(param, help_text=f"{param.help} For {', '.join(users)} (each method's own default).")
+
+    parameters = [inspect.Parameter("inputs", inspect.Parameter.KEYWORD_ONLY, annotation=Inputs),
+                  flag("methods", str, ",".join(methods), escape("Methods to evaluate, comma-separated; one method's "
+                       "settings in brackets: 'rollout[fusion=max,discard-ratio=0.95],legrad'. Default: every method.")),
+                  flag("metrics", str, "deletion,insertion,grid", "Metrics, comma-separated: deletion, insertion, grid."),
+                  flag("steps", int, 20, "Deletion/insertion steps S: step k perturbs ⌊k·P/S⌋ of the P patches.", min=1),
+                  flag("baseline", BaselineChoice, BaselineChoice.mean, "What perturbed patches become: mean (0 in the "
+                       "normalised input: the mean colour) or blur (Gaussian, σ 5 px, 11×11 kernel)."),
+                  flag("seed", int, 0, "Seed of the random baseline maps."),
+                  option("classes", Annotated[Optional[list[str]], typer.Option(
+                      "--class", "-c", help="Target class for deletion/insertion (index or name; repeat for several). "
+                      "Default: each image's top-1. The grid game explains each tile's own class.",
+                      rich_help_panel=EVALUATE_PANEL)], None)]
+    parameters += [shared_option(p) for p in params.values()]
+    parameters += [option("out", Annotated[Path, typer.Option("--out", "-o", help="Folder for evaluation.jsonl, "
+                          "summary.json/.csv and curves.png.", rich_help_panel=OUTPUT_PANEL)], Path("vitexplain-eval"))]
+    parameters += [option(*spec) for spec in COMMON if spec[0] in EVALUATE_COMMON]
+    parameters.append(option("save_raw", Annotated[bool, typer.Option("--save-raw", help="Also save each evaluated "
+                             "mask as float32 .npy (its path in evaluation.jsonl).", rich_help_panel=OUTPUT_PANEL)], False))
+    command.__signature__ = inspect.Signature(parameters)
+    command.__name__ = "evaluate"
+    return command
+
+
 def build_app() -> typer.Typer:
     """The command line, with one subcommand per registered method, and ``sweep``."""
     app = typer.Typer(
@@ -213,6 +277,7 @@ def build_app() -> typer.Typer:
         help_text = f"{method.summary}\n\n{method.description}" if method.description else method.summary
         app.command(method.name, help=help_text, epilog=EXIT_CODES_HELP)(method_command(method))
     app.command("sweep", help=SWEEP_HELP, epilog=EXIT_CODES_HELP)(sweep_command(methods))
+    app.command("evaluate", help=EVALUATE_HELP, epilog=EXIT_CODES_HELP)(evaluate_command(methods))
     return app
 
 
@@ -248,6 +313,93 @@ def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | 
     if failed or summary.stopped:
         raise typer.Exit(1)
     return summary
+
+
+def run_evaluation(options: dict, shared: dict) -> None:
+    """Check the evaluation, evaluate what is left under progress bars, print the table, write the summary."""
+    from .io.outputs import OutputError
+    from .models import ModelChoiceError, ModelLoadError
+    from .run import evaluation as ev
+    from .run.evaluation_summary import summarize, write_summary
+
+    try:
+        try:
+            metrics = [m.strip() for m in options["metrics"].split(",") if m.strip()]
+            ready = ev.prepare_evaluation(
+                options["inputs"], options["out"], ev.parse_methods(options["methods"]), metrics, options["steps"],
+                value(options["baseline"]), options["model"], options["checkpoint"], options.get("classes"),
+                options["amp"], value(options["device"]), options["overwrite"], options["seed"], options["save_raw"],
+                shared, param_label=lambda p: p.flag)
+        except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
+            raise fail(str(error), code=2) from None
+        console.print(f"[bold]{literal(ready.evaluation.describe())}[/]", highlight=False, soft_wrap=True)
+        for text in ready.writer.warnings:
+            warn(text)
+        for failure in ready.input_failures:
+            report_failure(failure)
+        previous_handler = signal.signal(signal.SIGTERM, interrupt)
+        try:
+            with progress_bar() as progress:
+                images = progress.add_task("images", total=len(ready.todo), visible=bool(ready.todo))
+                grids = progress.add_task("grids", total=None, visible=False)
+                summary = ev.execute_evaluation(
+                    ready, options["batch_size"], options["num_workers"],
+                    on_notice=lambda text: console.print(f"[yellow]note:[/] {literal(text)}", highlight=False),
+                    on_images=lambda n: progress.advance(images, n), on_failure=report_failure,
+                    on_grids=lambda done, total: progress.update(grids, completed=done, total=total, visible=total > 0),
+                    on_stop_request=lambda: console.print("stopping after this batch (Ctrl-C again to stop now)"))
+        except ModelLoadError as error:
+            raise fail(str(error), code=2) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+    except KeyboardInterrupt:
+        console.print("[bold yellow]interrupted[/] before any image was evaluated; nothing was written.")
+        raise typer.Exit(130) from None
+    rows = summarize(ready)
+    written = write_summary(ready, rows)
+    print_evaluation(rows, ready.evaluation.metrics)
+    failed = len(ready.input_failures) + len(summary.failures)
+    parts = [f"{plural(summary.images - len(summary.failures), 'image')} evaluated now"]
+    if ready.skipped:
+        parts.append(f"{ready.skipped} already complete, skipped (--overwrite to redo them)")
+    if failed:
+        parts.append(f"[bold yellow]{failed} failed[/] (listed in evaluation.jsonl)")
+    head = "[bold yellow]interrupted:[/]" if summary.interrupted else "[bold red]stopped:[/]" if summary.stopped \
+        else "[green]done:[/]"
+    if summary.stopped:
+        console.print(f"[bold red]stopped:[/] {literal(summary.stopped)}", highlight=False, soft_wrap=True)
+    console.print(f"{head} {'; '.join(parts)}; {', '.join(literal(p) for p in written)}", highlight=False)
+    if summary.interrupted:
+        raise typer.Exit(130)
+    if failed or summary.stopped:
+        raise typer.Exit(1)
+
+
+METRIC_HEADINGS = {"deletion": "deletion ↓", "insertion": "insertion ↑", "grid": "grid game ↑"}
+
+
+def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
+    """The method × metric table: mean (95% bootstrap interval) and the count: images / grid tiles."""
+    from rich.table import Table
+
+    table = Table(title="faithfulness: mean (95% bootstrap interval)", title_justify="left")
+    table.add_column("method", no_wrap=True)
+    for metric in metrics:
+        table.add_column(METRIC_HEADINGS[metric], justify="right")
+    table.add_column("n", justify="right")
+    for row in rows:
+        cells, counts = [], {}
+        for metric in metrics:
+            summary = row.metrics.get(metric, "missing")
+            if summary is None:
+                cells.append("n/a")
+            elif summary == "missing":
+                cells.append("–")
+            else:
+                cells.append(f"{summary.mean:.3f} [dim]({summary.low:.2f}–{summary.high:.2f})[/]")
+                counts["grid" if metric == "grid" else "images"] = summary.count
+        table.add_row(literal(row.label), *cells, "/".join(str(counts[k]) for k in ("images", "grid") if k in counts))
+    console.print(table)
 
 
 def explain_with_progress(ready: Job, options: dict) -> RunSummary:

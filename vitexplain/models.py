@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .capture.support import UnsupportedModelError, check_supported
+from .capture.tokens import token_layout
 from .io.preprocess import Preprocessing
 
 DEFAULT_MODEL = "deit_tiny_patch16_224"
@@ -207,6 +208,7 @@ class ModelPlan:
     preprocessing: Preprocessing
     pretrained_cfg: dict
     depth: int  # the number of attention blocks
+    grid: tuple[int, int] = (0, 0)  # the patch grid (gh, gw) at the preprocessing's input size
 
     def check_weights_reachable(self) -> None:
         """Raise :class:`ModelChoiceError` if pretrained weights are planned but cannot be had offline."""
@@ -239,8 +241,10 @@ def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, 
                              model_kwargs=options)
     else:
         source = ModelSource(name, "random", model_kwargs=options)
-    return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing_for(skeleton),
-                     dict(skeleton.pretrained_cfg or {}), len(skeleton.blocks))
+    preprocessing = preprocessing_for(skeleton)
+    return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing,
+                     dict(skeleton.pretrained_cfg or {}), len(skeleton.blocks),
+                     token_layout(skeleton, preprocessing.size).grid)
 
 
 def build_model(plan: ModelPlan) -> nn.Module:

@@ -86,7 +86,7 @@ def stop_for(error: OSError, out_dir: Path) -> OutputStop | None:
     return OutputStop(f"{reason} {out_dir}") if reason else None
 
 
-def check_writable(folder: Path) -> Path:
+def check_writable(folder: Path, manifest_name: str = MANIFEST_NAME) -> Path:
     """Create ``folder`` if needed and prove it writable with a probe file, and its manifest (if there is one)
     a regular file open for appending; raise :class:`OutputError` if not."""
     try:
@@ -95,7 +95,7 @@ def check_writable(folder: Path) -> Path:
             pass
     except OSError as error:
         raise OutputError(f"cannot write to {str(folder)!r}: {error.strerror or error}") from None
-    manifest = folder / MANIFEST_NAME
+    manifest = folder / manifest_name
     try:
         mode = os.lstat(manifest).st_mode
     except FileNotFoundError:
@@ -172,13 +172,13 @@ class OutputWriter:
 
     Every line records the whole request (``request``: its key and every parameter), the output's
     identity (``input``, ``output``) and ``name``; a rerun reads them to know what is complete and which
-    names are taken.
+    names are taken. ``evaluate`` keeps its records the same way, in ``evaluation.jsonl``.
     """
 
-    def __init__(self, out_dir: Path):
-        self.out_dir = check_writable(Path(out_dir))
+    def __init__(self, out_dir: Path, manifest_name: str = MANIFEST_NAME):
+        self.out_dir = check_writable(Path(out_dir), manifest_name)
         self.lock = OutputLock(self.out_dir)
-        self.manifest_path = self.out_dir / MANIFEST_NAME
+        self.manifest_path = self.out_dir / manifest_name
         self.warnings: list[str] = []  # what the manifest reader skipped
         self.remove_orphans()
         self.end_cut_line()
@@ -294,9 +294,15 @@ class OutputWriter:
     def completed(self, request: str) -> set[tuple[str, int]]:
         """``(input key, output index)`` of every output of ``request`` that the manifest lists as complete
         and whose files all still exist."""
-        return {(input_key(Path(e["input"])), int(e.get("output", 0))) for e in self.entries()
-                if e.get("status") == "ok" and request_key(e) == request
-                and all(Path(e[f]).is_file() for f in FILE_FIELDS if e.get(f))}
+        return self.completed_by_request().get(request, set())
+
+    def completed_by_request(self) -> dict[str, set[tuple[str, int]]]:
+        """:meth:`completed` for every request key in the manifest, from one reading of it."""
+        done: dict[str, set[tuple[str, int]]] = {}
+        for e in self.entries():
+            if e.get("status") == "ok" and all(Path(e[f]).is_file() for f in FILE_FIELDS if e.get(f)):
+                done.setdefault(request_key(e), set()).add((input_key(Path(e["input"])), int(e.get("output", 0))))
+        return done
 
     def forget(self, request: str, inputs: Iterable[Path]) -> None:
         """Drop the manifest lines of ``request`` for ``inputs`` (before recomputing them); their names stay

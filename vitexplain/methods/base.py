@@ -210,21 +210,39 @@ class Explainer:
         """Masks ``(B, T, R, gh, gw)`` for each of the ``T`` classes in ``classes`` (class-specific methods:
         indices, names or ``(B,)`` tensors; default each image's top-1, ``T = 1``) and each of the ``R`` discard
         ratios (sweepable methods; default the method's own, ``R = 1``)."""
+        self.ratios(discard_ratios)  # checked before the model runs
+        self.check_classes(classes)
+        with self.timer("model"):
+            capture = self.capture(images)
+        return self.explain_captured(capture, classes, discard_ratios)
+
+    @property
+    def capture_spec(self) -> tuple:
+        """What :meth:`capture` records; methods with equal specs can share one capture
+        (:meth:`explain_captured`)."""
+        return ("gradients" in self.needs, self.recorded_fusion, "block_outputs" in self.needs, self.amp)
+
+    def explain_captured(self, capture: Capture, classes: Sequence[int | str | Tensor] | None = None,
+                         discard_ratios: Sequence[float] | None = None, keep_graph: bool = False) -> Explanation:
+        """:meth:`explain` from a capture already recorded with this method's :attr:`capture_spec`;
+        ``keep_graph`` leaves its graph for another method's gradients."""
         import torch
 
         ratios = self.ratios(discard_ratios)
-        if classes and not self.class_specific:
-            raise ValueError(f"{self.name} is class-agnostic: it takes no classes")
+        self.check_classes(classes)
         with self.timer("model"):
-            capture = self.capture(images)
             logits = capture.logits.detach()
             targets = self.targets(logits, classes)
-            gradients = [self.target_gradients(capture, t, retain_graph=i < len(targets) - 1) if t is not None
-                         else None for i, t in enumerate(targets)]
+            gradients = [self.target_gradients(capture, t, retain_graph=keep_graph or i < len(targets) - 1)
+                         if t is not None else None for i, t in enumerate(targets)]
         with self.timer("method"):
             masks = torch.stack([self.masks_for(capture, g, ratios) for g in gradients], dim=1)
         stacked_targets = None if targets[0] is None else torch.stack(targets, dim=1)
         return Explanation(masks, logits, stacked_targets, ratios)
+
+    def check_classes(self, classes) -> None:
+        if classes and not self.class_specific:
+            raise ValueError(f"{self.name} is class-agnostic: it takes no classes")
 
     def ratios(self, discard_ratios: Sequence[float] | None) -> tuple[float, ...]:
         if not self.sweepable():

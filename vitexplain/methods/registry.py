@@ -26,8 +26,10 @@ ENTRY_POINT_GROUP = "vitexplain.methods"
 RESERVED = frozenset({
     "inputs", "out", "model", "checkpoint", "classes", "batch_size", "device", "num_workers", "colormap", "alpha",
     "save_raw", "stretch", "max_side", "image_format", "overwrite", "profile", "amp", "method", "ratios", "fps",
-    "gif", "grid", "help", "version", "render", "param_label", "pretrained",
+    "gif", "grid", "help", "version", "render", "param_label", "pretrained", "methods", "metrics", "steps",
+    "baseline", "seed", "shared",
 })
+RESERVED_NAMES = frozenset({"sweep", "evaluate", "random"})  # the other subcommands, and evaluate's baseline row
 NAME = re.compile(r"[a-z][a-z0-9]*(-[a-z0-9]+)*")
 
 _registry: dict[str, type[Explainer]] = {}
@@ -52,6 +54,8 @@ def declaration_problem(method: type[Explainer]) -> str | None:
         return "a method is a subclass of vitexplain.methods.base.Explainer"
     if not NAME.fullmatch(method.name or ""):
         return f"name {method.name!r} must be lower-case words joined by '-' (it becomes a subcommand)"
+    if method.name in RESERVED_NAMES:
+        return f"name {method.name!r} is taken by the command line"
     if not method.summary:
         return "give it a one-line summary"
     if not method.needs <= NEEDS or "attentions" not in method.needs:

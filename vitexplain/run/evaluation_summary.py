@@ -1,0 +1,121 @@
+"""An evaluation's answer, from its lines in ``evaluation.jsonl``: per method and metric the mean, a 95%
+bootstrap interval and the count, the mean curves; written as ``summary.json``, ``summary.csv`` and
+``curves.png``.
+
+Only the current inputs count (and the grids they form); where a line was written twice (a run stopped
+between an input's lines and its prediction line, then rerun), the last one counts.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..io.inputs import input_key
+from ..io.outputs import atomic_write
+from ..metrics.perturbation import METRICS
+from ..metrics.statistics import bootstrap_interval
+from ..render.curves import plot_curves
+from .evaluation import EvaluationJob, grid_work
+
+SUMMARY_JSON, SUMMARY_CSV, CURVES_PNG = "summary.json", "summary.csv", "curves.png"
+
+
+@dataclass(frozen=True)
+class MetricSummary:
+    mean: float
+    low: float  # the 95% percentile bootstrap interval of the mean
+    high: float
+    count: int  # images (deletion, insertion) or tiles (grid)
+
+    @classmethod
+    def of(cls, values: list[float]) -> "MetricSummary":
+        low, high = bootstrap_interval(values)
+        return cls(sum(values) / len(values), low, high, len(values))
+
+
+@dataclass
+class RowSummary:
+    label: str
+    metrics: dict[str, MetricSummary | None] = field(default_factory=dict)  # None: not applicable
+    curves: dict[str, list[float]] = field(default_factory=dict)  # mean curve per metric
+
+
+def mean_curve(curves: list[list[float]]) -> list[float]:
+    return [sum(points) / len(curves) for points in zip(*curves)]
+
+
+def summarize(job: EvaluationJob) -> list[RowSummary]:
+    """Each row's summary over the current inputs' lines (metrics without a line yet are left out)."""
+    evaluation = job.evaluation
+    inputs = {input_key(path) for path in job.paths}
+    groups = {tuple(input_key(p) for p in group) for group, _shift in grid_work(job)} if "grid" in evaluation.metrics else set()
+    latest: dict[tuple, dict] = {}
+    for entry in job.writer.entries():
+        if entry["status"] != "ok":
+            continue
+        if isinstance(entry.get("group"), list):
+            if tuple(entry["group"]) in groups:
+                latest[(entry["request"]["key"], tuple(entry["group"]), entry.get("arrangement"), entry.get("tile"))] = entry
+        elif entry["input"] in inputs:
+            latest[(entry["request"]["key"], entry["input"], entry.get("output", 0))] = entry
+    by_key: dict[str, list[dict]] = {}
+    for (key, *_rest), entry in latest.items():
+        by_key.setdefault(key, []).append(entry)
+    summaries = []
+    for row in evaluation.rows:
+        summary = RowSummary(row.label)
+        lines = by_key.get(evaluation.perturbation_record(row)["key"], []) if evaluation.perturbations else []
+        for metric in evaluation.perturbations:
+            values = [line[metric] for line in lines if isinstance(line.get(metric), float)]
+            if values:
+                summary.metrics[metric] = MetricSummary.of(values)
+                summary.curves[metric] = mean_curve([line["curves"][metric] for line in lines if metric in line.get("curves", {})])
+        if "grid" in evaluation.metrics:
+            if row in evaluation.grid_rows:
+                shares = [line["share"] for line in by_key.get(evaluation.grid_record(row)["key"], [])]
+                if shares:
+                    summary.metrics["grid"] = MetricSummary.of(shares)
+            else:
+                summary.metrics["grid"] = None
+        summaries.append(summary)
+    return summaries
+
+
+def summary_document(job: EvaluationJob, rows: list[RowSummary]) -> dict:
+    evaluation = job.evaluation
+    return {
+        "evaluation": {"metrics": list(evaluation.metrics), "steps": evaluation.steps, "baseline": evaluation.baseline,
+                       "classes": list(evaluation.classes) if evaluation.classes else None, "amp": evaluation.amp,
+                       "seed": evaluation.seed, "model": evaluation.plan.source.record(),
+                       "preprocessing": evaluation.plan.preprocessing.record(), "inputs": len(job.paths)},
+        "methods": [{"method": row.label,
+                     "metrics": {m: None if s is None else asdict(s) for m, s in row.metrics.items()},
+                     "curves": row.curves} for row in rows],
+    }
+
+
+def write_summary(job: EvaluationJob, rows: list[RowSummary]) -> list[Path]:
+    """``summary.json``, ``summary.csv`` (one line per method × metric; a metric not applicable to a method
+    has empty values) and, with deletion or insertion curves, ``curves.png``; the paths written."""
+    out = job.writer.out_dir
+    written = [out / SUMMARY_JSON, out / SUMMARY_CSV]
+    atomic_write(written[0], (json.dumps(summary_document(job, rows), indent=2, allow_nan=False) + "\n").encode())
+    table = io.StringIO()
+    sheet = csv.writer(table, lineterminator="\n")
+    sheet.writerow(["method", "metric", "mean", "ci_low", "ci_high", "n"])
+    for row in rows:
+        for metric, summary in row.metrics.items():
+            sheet.writerow([row.label, metric] + (["", "", "", ""] if summary is None else [
+                f"{summary.mean:.6f}", f"{summary.low:.6f}", f"{summary.high:.6f}", summary.count]))
+    atomic_write(written[1], table.getvalue().encode())
+    curves = {row.label: row.curves for row in rows if row.curves}
+    if curves and any(m in c for c in curves.values() for m in METRICS):
+        evaluation = job.evaluation
+        title = (f"{evaluation.plan.name}, {len(job.paths)} images, {evaluation.steps} steps, "
+                 f"baseline {evaluation.baseline}")
+        atomic_write(out / CURVES_PNG, lambda file: plot_curves(curves, file, title))
+        written.append(out / CURVES_PNG)
+    return written
