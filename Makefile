@@ -35,8 +35,12 @@ GALLERY ?= docs/gallery
 GALLERY_RUN = $(BIN)/vitexplain
 GALLERY_ARGS = --model $(MODEL) $(CHECKPOINT_ARG) --out $(GALLERY) --max-side 224
 
+# The README's evaluation table and curves: `evaluate` over the bundled photos (the table is spliced in).
+EVALUATION_OUT ?= $(OUT)/examples-evaluation
+
 examples: install
 	$(MAKE) gallery
+	$(BIN)/python docs/splice_table.py $(EVALUATION_OUT)/summary.md README.md
 
 gallery:
 	rm -rf $(GALLERY)
@@ -53,9 +57,13 @@ gallery:
 	$(GALLERY_RUN) legrad examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
 	rm -f $(GALLERY)/manifest.jsonl $(GALLERY)/.vitexplain.lock
+	rm -rf $(EVALUATION_OUT)
+	$(GALLERY_RUN) evaluate examples/images --model $(MODEL) $(CHECKPOINT_ARG) --out $(EVALUATION_OUT)
+	cp $(EVALUATION_OUT)/curves.png $(GALLERY)/evaluation-curves.png
 
 bench: install
 	$(BIN)/python benchmarks/cli_help.py
+	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/pointing_game.py
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/sweep.py

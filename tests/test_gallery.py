@@ -28,10 +28,18 @@ def test_readme_shows_exactly_the_committed_gallery():
 @pytest.mark.skipif(shutil.which("make") is None or not (Path(sys.prefix) / "bin" / "vitexplain").exists(),
                     reason="needs make and the installed vitexplain command")
 def test_make_gallery_reproduces_the_committed_pictures(tmp_path):
-    out = tmp_path / "gallery"
-    subprocess.run(["make", "-s", "gallery", f"GALLERY={out}", f"VENV={sys.prefix}"], cwd=ROOT, check=True,
-                   capture_output=True)
+    out, evaluation = tmp_path / "gallery", tmp_path / "evaluation"
+    subprocess.run(["make", "-s", "gallery", f"GALLERY={out}", f"EVALUATION_OUT={evaluation}", f"VENV={sys.prefix}"],
+                   cwd=ROOT, check=True, capture_output=True)
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in GALLERY.iterdir())
+    # the README's evaluation table is this evaluation's (the figures up to the last digit's rounding)
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- evaluation-table:start -->")[1].split("<!-- evaluation-table:end -->")[0].strip()
+    made = (evaluation / "summary.md").read_text().strip()
+    assert [row.split("|")[1] for row in shown.splitlines()] == [row.split("|")[1] for row in made.splitlines()]
+    numbers = [[float(x) for x in re.findall(r"\d+\.\d+", text)] for text in (shown, made)]
+    assert len(numbers[0]) == len(numbers[1]) > 0
+    assert np.allclose(numbers[0], numbers[1], atol=0.011)
     for committed in GALLERY.iterdir():
         expected = iio.imread(committed, index=None).astype(np.int16)
         regenerated = iio.imread(out / committed.name, index=None).astype(np.int16)

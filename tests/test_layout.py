@@ -11,7 +11,7 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "vitexplain"
 # each layer may import its own and lower layers only
-RANK = {"_lazy": 0, "kernels": 0, "io": 1, "capture": 1, "methods": 2, "models": 2, "render": 2, "run": 3,
+RANK = {"_lazy": 0, "kernels": 0, "io": 1, "capture": 1, "methods": 2, "metrics": 2, "models": 2, "render": 2, "run": 3,
         "cli": 4, "__init__": 5, "__main__": 5}
 
 

@@ -46,4 +46,9 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "SweepOptions": ".run.options",
     "prepare": ".run.job",
     "execute": ".run.job",
+    "parse_methods": ".run.evaluation",
+    "prepare_evaluation": ".run.evaluation",
+    "execute_evaluation": ".run.evaluation",
+    "summarize": ".run.evaluation_summary",
+    "write_summary": ".run.evaluation_summary",
 })

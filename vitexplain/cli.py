@@ -375,30 +375,19 @@ def run_evaluation(options: dict, shared: dict) -> None:
         raise typer.Exit(1)
 
 
-METRIC_HEADINGS = {"deletion": "deletion ↓", "insertion": "insertion ↑", "grid": "grid game ↑"}
-
-
 def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
     """The method × metric table: mean (95% bootstrap interval) and the count: images / grid tiles."""
     from rich.table import Table
 
+    from .run.evaluation_summary import HEADINGS, table_rows
+
     table = Table(title="faithfulness: mean (95% bootstrap interval)", title_justify="left")
     table.add_column("method", no_wrap=True)
     for metric in metrics:
-        table.add_column(METRIC_HEADINGS[metric], justify="right")
+        table.add_column(HEADINGS[metric], justify="right")
     table.add_column("n", justify="right")
-    for row in rows:
-        cells, counts = [], {}
-        for metric in metrics:
-            summary = row.metrics.get(metric, "missing")
-            if summary is None:
-                cells.append("n/a")
-            elif summary == "missing":
-                cells.append("–")
-            else:
-                cells.append(f"{summary.mean:.3f} [dim]({summary.low:.2f}–{summary.high:.2f})[/]")
-                counts["grid" if metric == "grid" else "images"] = summary.count
-        table.add_row(literal(row.label), *cells, "/".join(str(counts[k]) for k in ("images", "grid") if k in counts))
+    for label, *cells in table_rows(rows, metrics, lambda s: f"{s.mean:.3f} [dim]({s.low:.2f}–{s.high:.2f})[/]"):
+        table.add_row(literal(label), *cells)
     console.print(table)
 
 

@@ -12,6 +12,7 @@ import io
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..io.inputs import input_key
 from ..io.outputs import atomic_write
@@ -20,7 +21,8 @@ from ..metrics.statistics import bootstrap_interval
 from ..render.curves import plot_curves
 from .evaluation import EvaluationJob, grid_work
 
-SUMMARY_JSON, SUMMARY_CSV, CURVES_PNG = "summary.json", "summary.csv", "curves.png"
+SUMMARY_JSON, SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.json", "summary.csv", "summary.md", "curves.png"
+HEADINGS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "grid": "grid pointing game ↑"}
 
 
 @dataclass(frozen=True)
@@ -97,11 +99,41 @@ def summary_document(job: EvaluationJob, rows: list[RowSummary]) -> dict:
     }
 
 
+def table_rows(rows: list[RowSummary], metrics: tuple[str, ...], cell: Callable[[MetricSummary], str]) -> list[list[str]]:
+    """The table's rows as text: the method, each metric's ``cell`` (``n/a`` where it does not apply, ``–``
+    where it has no value yet), and the counts (images / grid tiles)."""
+    table = []
+    for row in rows:
+        cells, counts = [], {}
+        for metric in metrics:
+            summary = row.metrics.get(metric, "missing")
+            if summary is None:
+                cells.append("n/a")
+            elif summary == "missing":
+                cells.append("–")
+            else:
+                cells.append(cell(summary))
+                counts["grid" if metric == "grid" else "images"] = summary.count
+        table.append([row.label, *cells, "/".join(str(counts[k]) for k in ("images", "grid") if k in counts)])
+    return table
+
+
+def markdown_table(rows: list[RowSummary], metrics: tuple[str, ...]) -> str:
+    """The method × metric table in Markdown: mean (95% bootstrap interval), see :func:`table_rows`."""
+    lines = ["| method | " + " | ".join(HEADINGS[m] for m in metrics) + " | n |",
+             "|---|" + "---:|" * (len(metrics) + 1)]
+    for cells in table_rows(rows, metrics, lambda s: f"{s.mean:.3f} ({s.low:.2f}–{s.high:.2f})"):
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_summary(job: EvaluationJob, rows: list[RowSummary]) -> list[Path]:
     """``summary.json``, ``summary.csv`` (one line per method × metric; a metric not applicable to a method
-    has empty values) and, with deletion or insertion curves, ``curves.png``; the paths written."""
+    has empty values), ``summary.md`` (:func:`markdown_table`) and, with deletion or insertion curves,
+    ``curves.png``; the paths written."""
     out = job.writer.out_dir
-    written = [out / SUMMARY_JSON, out / SUMMARY_CSV]
+    written = [out / SUMMARY_JSON, out / SUMMARY_CSV, out / SUMMARY_MD]
+    atomic_write(written[2], markdown_table(rows, job.evaluation.metrics).encode())
     atomic_write(written[0], (json.dumps(summary_document(job, rows), indent=2, allow_nan=False) + "\n").encode())
     table = io.StringIO()
     sheet = csv.writer(table, lineterminator="\n")
