@@ -334,3 +334,25 @@ def test_the_header_says_which_weights_and_preprocessing_explain(tmp_path):
     (entry,) = manifest(tmp_path / "out")
     assert entry["request"]["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
     assert entry["request"]["model"]["checkpoint_sha256"].startswith("d94b1571")
+
+
+def test_evaluate_on_a_full_disk_stops_and_the_rerun_finishes(folder, save_test_vit, tmp_path):
+    _, checkpoint = save_test_vit()
+    with tmpfs(tmp_path / "small", "16k") as out:
+        common = ["evaluate", folder, "--model", "test_vit", "--checkpoint", checkpoint, "-o", out, "-b", "1",
+                  "--methods", "rollout", "--metrics", "deletion", "--steps", 2, "-j", 0]
+        result = invoke(*common)
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        assert f"no space left on {out}" in text(result)
+        lines = []
+        for line in (out / "evaluation.jsonl").read_text().splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:  # the line the full disk cut: the reader skips it
+                pass
+        assert 0 < len({e["input"] for e in lines if e["request"]["kind"] == "prediction"}) < 6
+        subprocess.run(["mount", "-o", "remount,size=4m", str(out)], check=True)
+        rerun = invoke(*common)
+        assert rerun.exit_code == 0, rerun.output
+        summary = json.loads((out / "summary.json").read_text())
+        assert [row["metrics"]["deletion"]["count"] for row in summary["methods"]] == [6, 6]

@@ -356,8 +356,12 @@ def run_evaluation(options: dict, shared: dict) -> None:
         console.print("[bold yellow]interrupted[/] before any image was evaluated; nothing was written.")
         raise typer.Exit(130) from None
     rows = summarize(ready)
-    written = write_summary(ready, rows)
     print_evaluation(rows, ready.evaluation.metrics)
+    try:
+        written = write_summary(ready, rows)
+    except OSError as error:
+        summary.stopped = summary.stopped or f"cannot write the summary into {ready.writer.out_dir}: {error.strerror or error}"
+        written = [ready.writer.manifest_path]
     failed = len(ready.input_failures) + len(summary.failures)
     parts = [f"{plural(summary.images - len(summary.failures), 'image')} evaluated now"]
     if ready.skipped:

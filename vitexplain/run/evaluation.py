@@ -32,7 +32,7 @@ from torch import nn
 
 from ..capture.tokens import token_layout
 from ..io.inputs import Failure, find_images, input_key
-from ..io.outputs import OutputWriter, encoded_array, failure_entry
+from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
 from ..methods.base import Explainer, Param
 from ..methods.registry import get_method
 from ..metrics.baselines import random_maps
@@ -323,6 +323,8 @@ def execute_evaluation(job: EvaluationJob, batch_size: int = 8, num_workers: int
                     evaluate_grids(job, evaluator, recorder, summary, on_grids, on_failure, stop)
             except KeyboardInterrupt:
                 summary.interrupted = True
+            except OutputStop as error:
+                summary.stopped = str(error)
         summary.outputs = len(summary.records)
         return summary
     finally:
