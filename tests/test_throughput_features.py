@@ -159,3 +159,17 @@ def test_spin_is_left_alone_once_torch_is_loaded(monkeypatch):
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     assert openmp.shorten_spin_wait() is False  # torch is loaded in this process: too late to matter
     assert "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_a_compiled_kernel_leaves_torchs_thread_count_as_it_was():
+    """numba's first parallel launch would set the thread's OpenMP count to numba's own (a fresh process)."""
+    import subprocess
+    import sys
+
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from vitexplain import load_model, get_method\n"
+            "m = load_model('test_vit', pretrained=False)\n"
+            "get_method('rollout')(m)(torch.randn(1, 3, 160, 160)); get_method('flow')(m)(torch.randn(1, 3, 160, 160))\n"
+            "print(torch.get_num_threads())")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "1"

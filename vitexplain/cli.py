@@ -44,6 +44,7 @@ DeviceChoice = choices("DeviceChoice", ("auto", "cpu", "cuda", "mps"))
 ColormapChoice = choices("ColormapChoice", COLORMAPS)
 FormatChoice = choices("FormatChoice", IMAGE_FORMATS)
 BaselineChoice = choices("BaselineChoice", ("mean", "blur"))
+ManifestChoice = choices("ManifestChoice", ("manifest.jsonl", "evaluation.jsonl"))
 
 Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders (searched recursively; never inside --out).", show_default=False)]
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays, raw masks and manifest.jsonl.", rich_help_panel=OUTPUT_PANEL)]
@@ -66,6 +67,14 @@ RatiosOpt = Annotated[str, typer.Option("--ratios", help=f"Discard ratios: {RATI
 FpsOpt = Annotated[float, typer.Option("--fps", min=0.1, max=50.0, help="GIF frames per second.", rich_help_panel=OUTPUT_PANEL)]
 GifOpt = Annotated[bool, typer.Option("--gif/--no-gif", help="Write an animated, looping GIF per image.", rich_help_panel=OUTPUT_PANEL)]
 GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact sheet of all frames.", rich_help_panel=OUTPUT_PANEL)]
+SCALE_PANEL = "Scaling out"
+EngineChoice = choices("EngineChoice", ("local", "ray"))
+ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="K/N: this process's share of the inputs (the sorted list's batches K, K+N, …), for launchers that start N processes (SLURM arrays, torchrun); each writes its own manifest part into the shared --out. Then: vitexplain compact OUT.", show_default=False, rich_help_panel=SCALE_PANEL)]
+EngineOpt = Annotated[EngineChoice, typer.Option("--engine", help="local: this process; ray: Ray Data actors on a Ray cluster (pip install 'vitexplain[ray]').", rich_help_panel=SCALE_PANEL)]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join. Default: the running cluster, else a local instance started for the run.", show_default=False, rich_help_panel=SCALE_PANEL)]
+RayWorkersOpt = Annotated[int, typer.Option("--ray-workers", min=1, help="Ray actors, each loading the model once.", rich_help_panel=SCALE_PANEL)]
+CpusPerWorkerOpt = Annotated[float, typer.Option("--cpus-per-worker", min=0.0, help="CPUs each Ray actor reserves (and its torch threads).", rich_help_panel=SCALE_PANEL)]
+GpusPerWorkerOpt = Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs each Ray actor reserves; above 0 it explains on CUDA.", rich_help_panel=SCALE_PANEL)]
 
 
 def literal(text: object) -> str:
@@ -111,6 +120,8 @@ COMMON = [
     ("colormap", ColormapOpt, ColormapChoice.jet), ("alpha", AlphaOpt, 0.5), ("stretch", StretchOpt, None),
     ("save_raw", SaveRawOpt, False), ("max_side", MaxSideOpt, None), ("image_format", FormatOpt, FormatChoice.png),
     ("overwrite", OverwriteOpt, False), ("profile", ProfileOpt, False), ("amp", AmpOpt, False),
+    ("shard", ShardOpt, None), ("engine", EngineOpt, EngineChoice.local), ("ray_address", RayAddressOpt, None),
+    ("ray_workers", RayWorkersOpt, 1), ("cpus_per_worker", CpusPerWorkerOpt, 1.0), ("gpus_per_worker", GpusPerWorkerOpt, 0.0),
 ]
 
 
@@ -278,7 +289,26 @@ def build_app() -> typer.Typer:
         app.command(method.name, help=help_text, epilog=EXIT_CODES_HELP)(method_command(method))
     app.command("sweep", help=SWEEP_HELP, epilog=EXIT_CODES_HELP)(sweep_command(methods))
     app.command("evaluate", help=EVALUATE_HELP, epilog=EXIT_CODES_HELP)(evaluate_command(methods))
+    app.command("compact", help=COMPACT_HELP)(compact)
     return app
+
+
+COMPACT_HELP = """Fold the manifest parts of a sharded or Ray run (manifest.{part}.jsonl) into one manifest.jsonl.
+
+Every line is kept as it is. Refused while a run writes to the folder. Example: vitexplain compact vitexplain-out"""
+
+
+def compact(out: Annotated[Path, typer.Argument(help="The output folder of the run.", show_default=False)],
+            manifest: Annotated[ManifestChoice, typer.Option("--manifest", help="Which manifest: the explanations', or evaluate's.")] = "manifest.jsonl") -> None:
+    from .io.outputs import OutputError, compact_manifest
+
+    if not out.is_dir():
+        raise fail(f"{out} is not a folder", code=2)
+    try:
+        folded = compact_manifest(out, value(manifest))
+    except (OutputError, ValueError) as error:
+        raise fail(str(error), code=2) from None
+    console.print(f"[green]done:[/] {plural(folded, 'part')} folded into {literal(out / value(manifest))}", highlight=False)
 
 
 def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | None) -> RunSummary:
@@ -291,10 +321,14 @@ def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | 
         try:
             render = RenderOptions(value(options["colormap"]), options["alpha"], options["save_raw"],
                                    max_side=options["max_side"], image_format=value(options["image_format"]))
+            engine = value(options["engine"])
+            shard = job.parse_shard(options["shard"]) if options["shard"] is not None else None
+            check_engine_options(options, engine, shard)
             ready = job.prepare(method, options["inputs"], options["out"], options["model"], options["checkpoint"],
                                 options.get("classes"), render, sweep, options["stretch"], options["amp"],
                                 value(options["device"]), options["overwrite"], param_label=lambda p: p.flag,
-                                **params)
+                                batch_size=options["batch_size"], shard=shard,
+                                part="ray-driver" if engine == "ray" else None, **params)
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
         console.print(f"[bold]{literal(ready.request.describe())}[/]", highlight=False, soft_wrap=True)
@@ -395,6 +429,36 @@ def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
     console.print(table)
 
 
+def check_engine_options(options: dict, engine: str, shard) -> None:
+    """The scale-out options fit together; ``ValueError`` saying what does not."""
+    if engine == "ray":
+        if shard is not None:
+            raise ValueError("--shard is for processes started by a launcher; with --engine ray, Ray shares the work")
+        if options["profile"]:
+            raise ValueError("--profile times one process: it does not apply to --engine ray")
+        from .run.ray_engine import import_ray
+
+        import_ray()
+        return
+    given = [flag for name, flag, default in (("ray_address", "--ray-address", None), ("ray_workers", "--ray-workers", 1),
+                                              ("cpus_per_worker", "--cpus-per-worker", 1.0),
+                                              ("gpus_per_worker", "--gpus-per-worker", 0.0)) if options[name] != default]
+    if given:
+        raise ValueError(f"{given[0]} applies to --engine ray")
+
+
+def explain_on_ray(ready: Job, options: dict) -> RunSummary:
+    """The run on Ray actors under a progress bar."""
+    from .run.ray_engine import run_on_ray
+
+    with progress_bar() as progress:
+        label = ready.request.method + (" sweep" if ready.request.sweep else "") + " on Ray"
+        task = progress.add_task(label, total=len(ready.todo))
+        return run_on_ray(ready, options["ray_workers"], options["cpus_per_worker"], options["gpus_per_worker"],
+                          options["ray_address"], on_images=lambda n: progress.advance(task, n),
+                          on_failure=report_failure)
+
+
 def explain_with_progress(ready: Job, options: dict) -> RunSummary:
     """Load the weights, then explain what is left under a progress bar; SIGTERM stops it like Ctrl-C."""
     from .capture.support import UnsupportedModelError
@@ -404,6 +468,8 @@ def explain_with_progress(ready: Job, options: dict) -> RunSummary:
     from .run.allocator import keep_heap_memory
     from .run.profiling import StageTimer
 
+    if value(options["engine"]) == "ray":
+        return explain_on_ray(ready, options)
     if not ready.todo:
         job.execute(ready)  # records the unusable inputs
         return RunSummary()

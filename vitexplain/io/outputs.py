@@ -25,6 +25,7 @@ from .inputs import input_key
 
 MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".vitexplain.lock"
+PART = re.compile(r"[A-Za-z0-9_-]+")  # a manifest part's name: manifest.{part}.jsonl
 FILE_FIELDS = ("overlay", "raw", "gif", "grid")
 SUFFIXES = (".png", ".jpg", ".npy", ".gif")
 MAX_NAME_BYTES = 230  # file names stay under 255 bytes with the longest suffix and the temporary prefix
@@ -112,35 +113,57 @@ def check_writable(folder: Path, manifest_name: str = MANIFEST_NAME) -> Path:
 
 
 class OutputLock:
-    """An exclusive lock on an output folder for one run (``flock`` on ``.vitexplain.lock``): a second run into
-    the same ``--out`` at once is refused rather than duplicating entries. Released by :meth:`release` or when
+    """A lock on an output folder for one run (``flock`` on ``.vitexplain.lock``): a second run into the same
+    ``--out`` at once is refused rather than duplicating entries. A writer of a manifest part (a shard, a Ray
+    worker) holds that lock shared, so that the parts of one run write side by side while a plain run is
+    refused, and its own part's lock (``.vitexplain.{part}.lock``) alone. Released by :meth:`release` or when
     the process ends; where ``flock`` does not exist, nothing is locked."""
 
-    def __init__(self, folder: Path):
-        self.handle = None
+    def __init__(self, folder: Path, part: str | None = None):
+        self.handles = []
         try:
             import fcntl
         except ImportError:  # not POSIX
             return
-        handle = open(folder / LOCK_NAME, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self.handles.append(self.take(folder / LOCK_NAME, fcntl.LOCK_SH if part else fcntl.LOCK_EX, folder))
+            if part:
+                self.handles.append(self.take(folder / f".vitexplain.{part}.lock", fcntl.LOCK_EX, folder))
+        except BaseException:
+            self.release()
+            raise
+
+    @classmethod
+    def none(cls) -> "OutputLock":
+        """A lock that locks nothing."""
+        lock = cls.__new__(cls)
+        lock.handles = []
+        return lock
+
+    @staticmethod
+    def take(path: Path, mode: int, folder: Path):
+        import fcntl
+
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except OSError:
             handle.seek(0)
             holder = handle.read().strip()
             handle.close()
             raise OutputError(f"another vitexplain run{f' (pid {holder})' if holder else ''} is writing to "
                               f"{str(folder)!r}: wait for it, or choose another --out") from None
-        handle.seek(0)
-        handle.truncate()
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self.handle = handle
+        if mode & fcntl.LOCK_EX:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+        return handle
 
     def release(self) -> None:
-        if self.handle is not None:
-            self.handle.close()  # closing the file releases the lock
-            self.handle = None
+        for handle in self.handles:
+            handle.close()  # closing the file releases the lock
+        self.handles = []
 
 
 def digest(text: str, length: int = 8) -> str:
@@ -175,12 +198,22 @@ class OutputWriter:
     names are taken. ``evaluate`` keeps its records the same way, in ``evaluation.jsonl``.
     """
 
-    def __init__(self, out_dir: Path, manifest_name: str = MANIFEST_NAME):
+    def __init__(self, out_dir: Path, manifest_name: str = MANIFEST_NAME, part: str | None = None,
+                 locked: bool = True):
+        """``part``: append to ``manifest.{part}.jsonl`` (a shard's, a worker's) rather than the manifest;
+        ``locked=False`` takes no lock, for the workers of a run whose driver holds it."""
+        if part is not None and not PART.fullmatch(part):
+            raise ValueError(f"a manifest part is named by letters, digits, '-' and '_', got {part!r}")
         self.out_dir = check_writable(Path(out_dir), manifest_name)
-        self.lock = OutputLock(self.out_dir)
-        self.manifest_path = self.out_dir / manifest_name
+        self.lock = OutputLock(self.out_dir, part) if locked else OutputLock.none()
+        self.main_manifest = self.out_dir / manifest_name
+        stem, suffix = os.path.splitext(manifest_name)
+        self.manifest_path = self.main_manifest if part is None else self.out_dir / f"{stem}.{part}{suffix}"
+        self.part_pattern = re.compile(re.escape(stem) + r"\.(" + PART.pattern + ")" + re.escape(suffix))
         self.warnings: list[str] = []  # what the manifest reader skipped
-        self.remove_orphans()
+        self.shared_stems: set[str] = set()  # stems that several inputs of the run have (see expect_inputs)
+        if part is None:  # no other writer can be at work: the lock is exclusive
+            self.remove_orphans()
         self.end_cut_line()
         self.names: dict[Identity, str] = {}
         self.taken: set[str] = names_in_folder(self.out_dir)
@@ -208,6 +241,19 @@ class OutputWriter:
         except FileNotFoundError:
             pass
 
+    def manifest_files(self) -> list[Path]:
+        """The manifest and its parts (``manifest.{part}.jsonl``, one per shard or worker), in reading order."""
+        parts = sorted(Path(e.path) for e in os.scandir(self.out_dir) if self.part_pattern.fullmatch(e.name))
+        return [self.main_manifest, *parts]
+
+    def expect_inputs(self, paths: Iterable[Path]) -> None:
+        """Tell the writer every input of the run (all shards' and workers'), so that names do not depend on
+        which input is written first: an input whose stem another input shares gets hashed names."""
+        seen: set[str] = set()
+        for path in paths:
+            stem = short_stem(Path(path).stem)
+            (self.shared_stems if stem in seen else seen).add(stem)
+
     @staticmethod
     def identity_of(entry: dict[str, Any]) -> Identity:
         return input_key(Path(entry["input"])), request_key(entry), int(entry.get("output", 0))
@@ -219,8 +265,12 @@ class OutputWriter:
         known = self.names.get(identity)
         if known is not None:
             return known
-        base = f"{short_stem(Path(input_path).stem)}_{label}"
+        stem = short_stem(Path(input_path).stem)
+        base = f"{stem}_{label}"
         name, attempt = base, 0
+        if stem in self.shared_stems:
+            attempt = 1
+            name = f"{base}-{digest(repr(identity))}"
         while name in self.taken:
             attempt += 1
             name = f"{base}-{digest(repr(identity))}" + (f"-{attempt}" if attempt > 1 else "")
@@ -267,11 +317,20 @@ class OutputWriter:
     def entries(self) -> list[dict[str, Any]]:
         """The manifest's usable entries. Lines that are not valid UTF-8, not JSON objects, or lack the fields
         of an entry are skipped, each kind noted once in :attr:`warnings`; the reader never fails."""
-        try:
-            data = self.manifest_path.read_bytes()
-        except (FileNotFoundError, IsADirectoryError):
-            return []
         entries, skipped = [], {}
+        for path in self.manifest_files():
+            try:
+                data = path.read_bytes()
+            except (FileNotFoundError, IsADirectoryError):
+                continue
+            self.parse_lines(path, data, entries, skipped)
+        self.warnings = [f"{path}: skipped {len(lines)} line{'s' if len(lines) > 1 else ''} "
+                         f"({problem}; line {lines[0]}{'…' if len(lines) > 1 else ''})"
+                         for (path, problem), lines in skipped.items()]
+        return entries
+
+    @staticmethod
+    def parse_lines(path: Path, data: bytes, entries: list, skipped: dict) -> None:
         for number, raw in enumerate(data.splitlines(), 1):
             if not raw.strip():
                 continue
@@ -283,13 +342,9 @@ class OutputWriter:
             except json.JSONDecodeError:
                 problem = "not JSON (cut short?)"
             if problem:
-                skipped.setdefault(problem, []).append(number)
+                skipped.setdefault((path, problem), []).append(number)
             else:
                 entries.append(entry)
-        self.warnings = [f"{self.manifest_path}: skipped {len(lines)} line{'s' if len(lines) > 1 else ''} "
-                         f"({problem}; line {lines[0]}{'…' if len(lines) > 1 else ''})"
-                         for problem, lines in skipped.items()]
-        return entries
 
     def completed(self, request: str) -> set[tuple[str, int]]:
         """``(input key, output index)`` of every output of ``request`` that the manifest lists as complete
@@ -300,7 +355,7 @@ class OutputWriter:
         """:meth:`completed` for every request key in the manifest, from one reading of it."""
         done: dict[str, set[tuple[str, int]]] = {}
         for e in self.entries():
-            if e.get("status") == "ok" and all(Path(e[f]).is_file() for f in FILE_FIELDS if e.get(f)):
+            if is_complete(e):
                 done.setdefault(request_key(e), set()).add((input_key(Path(e["input"])), int(e.get("output", 0))))
         return done
 
@@ -308,10 +363,6 @@ class OutputWriter:
         """Drop the manifest lines of ``request`` for ``inputs`` (before recomputing them); their names stay
         theirs."""
         targets = {input_key(p) for p in inputs}
-        try:
-            lines = self.manifest_path.read_bytes().splitlines(keepends=True)
-        except FileNotFoundError:
-            return
 
         def forgotten(line: bytes) -> bool:
             try:
@@ -321,7 +372,71 @@ class OutputWriter:
             return entry_problem(entry) is None and request_key(entry) == request and input_key(
                 Path(entry["input"])) in targets
 
-        atomic_write(self.manifest_path, b"".join(line for line in lines if not forgotten(line)))
+        for path in self.manifest_files():  # a file is rewritten only if it has lines to forget
+            try:
+                lines = path.read_bytes().splitlines(keepends=True)
+            except FileNotFoundError:
+                continue
+            kept = [line for line in lines if not forgotten(line)]
+            if len(kept) < len(lines):
+                atomic_write(path, b"".join(kept))
+
+
+def compact_manifest(out_dir: Path, manifest_name: str = MANIFEST_NAME) -> int:
+    """Fold the manifest's parts into one ``manifest.jsonl`` (its lines first, then each part's, byte for
+    byte: nothing is dropped) and delete the parts; the number of parts folded. Refused
+    (:class:`OutputError`) while any run writes to ``out_dir``."""
+    writer = OutputWriter(Path(out_dir), manifest_name)  # the exclusive lock: no shard or worker at work
+    try:
+        parts = writer.manifest_files()[1:]
+        if not parts:
+            return 0
+        chunks = []
+        for path in writer.manifest_files():
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:
+                continue
+            chunks.append(data if not data or data.endswith(b"\n") else data + b"\n")
+        atomic_write(writer.main_manifest, b"".join(chunks))
+        for path in parts:
+            path.unlink()
+        for lock in Path(out_dir).glob(".vitexplain.*.lock"):
+            lock.unlink(missing_ok=True)
+        return len(parts)
+    finally:
+        writer.close()
+
+
+def is_complete(entry: dict[str, Any]) -> bool:
+    """Whether a manifest entry is a finished output whose files all still exist."""
+    return entry.get("status") == "ok" and all(Path(entry[f]).is_file() for f in FILE_FIELDS if entry.get(f))
+
+
+class ManifestTail:
+    """The outputs of one request complete so far, kept up to date by reading only what the manifest and its
+    parts gained since the last look (other processes append to them as they work)."""
+
+    def __init__(self, writer: OutputWriter, request: str):
+        self.writer, self.request = writer, request
+        self.offsets: dict[Path, int] = {}
+        self.done: set[tuple[str, int]] = set()
+
+    def update(self) -> set[tuple[str, int]]:
+        for path in self.writer.manifest_files():
+            try:
+                with open(path, "rb") as file:
+                    file.seek(self.offsets.get(path, 0))
+                    data = file.read()
+            except FileNotFoundError:
+                continue
+            complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+            self.offsets[path] = self.offsets.get(path, 0) + len(complete)
+            entries: list = []
+            OutputWriter.parse_lines(path, complete, entries, {})
+            self.done |= {(input_key(Path(e["input"])), int(e.get("output", 0))) for e in entries
+                          if request_key(e) == self.request and is_complete(e)}
+        return self.done
 
 
 def failure_entry(input_key_: str, reason: str, request: dict[str, Any]) -> dict[str, Any]:

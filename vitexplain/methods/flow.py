@@ -70,8 +70,10 @@ class DinicFlow:
         import numpy as np
 
         from ..kernels.maxflow import flows_to_sinks
+        from .rollout_steps import torch_threads_kept
 
-        return flows_to_sinks(self.graph, self.first_layer[:, np.asarray(sinks, dtype=np.int64)])
+        with torch_threads_kept():
+            return flows_to_sinks(self.graph, self.first_layer[:, np.asarray(sinks, dtype=np.int64)])
 
 
 FLOW_SOLVERS: dict[str, type] = {"dinic": DinicFlow, "networkx": NetworkxFlow}

@@ -10,6 +10,7 @@ that is shared: fuse heads → discard → add residual → roll out → mask.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -135,6 +136,19 @@ def rollout_masks_torch(fused: Sequence[Tensor], readout: Tensor, layout: TokenL
     return torch.stack(masks, dim=1)
 
 
+@contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Around a compiled parallel kernel: numba's first parallel launch in a process sets the calling thread's
+    OpenMP thread count to numba's own (every core), which would change torch's for the rest of the run (and
+    with it the float sums of the backward pass); torch's setting is put back."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
 def rollout_masks(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout, discard_ratios: Sequence[float]) -> Tensor:
     """Masks ``(B, R, gh, gw)``, one per discard ratio: :func:`rollout_masks_torch`, computed on CPU by the
     compiled kernel :func:`vitexplain.kernels.rollout.rollout_rows` (the same values), elsewhere in torch."""
@@ -145,6 +159,7 @@ def rollout_masks(fused: Sequence[Tensor], readout: Tensor, layout: TokenLayout,
     maps = tuple(np.ascontiguousarray(f.float().numpy()) for f in fused)  # L × (B, N, N), no copy if already so
     batch, n, _ = maps[0].shape
     counts = np.array([discard_count(n, r, len(layout.protected_tokens)) for r in discard_ratios], dtype=np.int64)
-    values = rollout_rows(maps, counts, layout.protected_tokens, readout.float().cpu().numpy())
+    with torch_threads_kept():
+        values = rollout_rows(maps, counts, layout.protected_tokens, readout.float().cpu().numpy())
     masks = to_mask(torch.from_numpy(values).reshape(batch * len(discard_ratios), n), layout)
     return masks.float().view(batch, len(discard_ratios), *layout.grid)
