@@ -64,6 +64,7 @@ gallery:
 bench: install
 	$(BIN)/python benchmarks/cli_help.py
 	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/ray_engine.py
 	$(BIN)/python benchmarks/pointing_game.py
 	$(BIN)/python benchmarks/flow.py
 	$(BIN)/python benchmarks/sweep.py

@@ -29,6 +29,7 @@ from vitexplain.run.openmp import shorten_spin_wait
 shorten_spin_wait()  # the CLI's OpenMP setting, before torch loads
 
 import torch  # noqa: E402
+from throughput import image_folder  # noqa: E402  (the bundled photos copied to N files)
 
 from vitexplain.models import build_model, plan_model  # noqa: E402
 from vitexplain.run.allocator import keep_heap_memory  # noqa: E402
@@ -57,9 +58,7 @@ def main() -> None:
     try:
         folder = work / "images"
         folder.mkdir()
-        examples = sorted((ROOT / "examples" / "images").iterdir())
-        for index in range(args.images):
-            shutil.copy(examples[index % len(examples)], folder / f"img{index:04d}{examples[index % len(examples)].suffix}")
+        image_folder(folder, args.images, None)
         plan = plan_model(MODEL, checkpoint=checkpoint, pretrained=False)
         model = build_model(plan).to(device)
         rows = len(methods) + 1  # and the random baseline

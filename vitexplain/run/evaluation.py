@@ -33,7 +33,7 @@ from torch import nn
 from ..capture.tokens import token_layout
 from ..io.inputs import Failure, find_images, input_key
 from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
-from ..methods.base import Explainer, Param
+from ..methods.base import Param
 from ..methods.registry import get_method
 from ..metrics.baselines import random_maps
 from ..metrics.perturbation import BASELINES, METRICS, area_under_curve, baseline_inputs, patch_size, perturbation_curves
