@@ -17,7 +17,7 @@ from test_capture import ARCHITECTURES, images_for
 from vitexplain import get_method, load_model
 from vitexplain.io.outputs import OutputWriter
 from vitexplain.io.preprocess import load_images
-from vitexplain.metrics.baselines import random_maps
+from vitexplain.metrics.baselines import content_key, random_maps
 from vitexplain.metrics.perturbation import gaussian_blur
 from vitexplain.models import plan_model
 from vitexplain.run.evaluation import (
@@ -89,7 +89,7 @@ def check_lines_against_reference(lines, model, pixels_by_key, baseline, steps, 
         mask = np.load(line["raw"])
         name = line["method"].split("_")[0]
         if name == "random":
-            assert np.array_equal(mask, random_maps([line["input"]], mask.shape, seed)[0].numpy())
+            assert np.array_equal(mask, random_maps([content_key(image)], mask.shape, seed)[0].numpy())
         else:
             expected = reference_map(model, name, params[name], image, line["target"])
             np.testing.assert_allclose(mask, expected, rtol=1e-4, atol=1e-5)
@@ -141,11 +141,11 @@ def test_grid_shares_equal_the_loop_on_test_architectures(architecture):
     targets = torch.randint(0, plan.num_classes, (3, 4), generator=torch.Generator().manual_seed(4))
     from vitexplain.metrics.pointing import compose_grids
 
-    shares = evaluator.grid_shares(compose_grids(pixels, layouts), targets, ["g0", "g1", "g2"])
+    shares = evaluator.grid_shares(compose_grids(pixels, layouts), targets)
     assert set(shares) == {"grad-attention_mean_l1_fused", "legrad_l1", "random"}  # rollout: not applicable
     for g, layout in enumerate(layouts.tolist()):
         grid = reference_grid(pixels, layout)
-        random_map = random_maps([f"g{g}"], plan.grid)[0]
+        random_map = random_maps([content_key(grid)], plan.grid)[0]
         for tile in range(4):
             target = int(targets[g, tile])
             for label, (method, params) in [("grad-attention_mean_l1_fused", METHODS[1]), ("legrad_l1", METHODS[2])]:
@@ -180,7 +180,7 @@ def test_real_deit_evaluation_equals_the_loop(tmp_path):
         assert keys[layout[line["tile"]]] == line["input"]
         grid = reference_grid(pixels, layout)
         if line["method"] == "random":
-            mask = random_maps([f"grid:{':'.join(keys)}:{line['arrangement']}"], (14, 14))[0].numpy()
+            mask = random_maps([content_key(grid)], (14, 14))[0].numpy()
         else:
             name = line["method"].split("_")[0]
             mask = reference_map(model, name, dict(METHODS)[name], grid, line["target"])

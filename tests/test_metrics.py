@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from vitexplain.metrics.baselines import random_maps
+from vitexplain.metrics.baselines import content_key, random_maps
 from vitexplain.metrics.perturbation import (
     area_under_curve, baseline_inputs, gaussian_blur, patch_ranks, perturbation_curves, perturbed_inputs, step_counts,
 )
@@ -182,6 +182,8 @@ def test_tile_shares_by_hand():
 
 
 def test_random_maps_depend_on_the_key_and_seed_only():
+    image = torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert content_key(image) == content_key(image.clone()) != content_key(image + 1e-6)
     first = random_maps(["a", "b"], (3, 5), seed=0)
     assert torch.equal(random_maps(["b"], (3, 5), seed=0)[0], first[1])  # whatever else is in the batch
     assert not torch.equal(first[0], first[1])

@@ -35,7 +35,7 @@ from ..io.inputs import Failure, find_images, input_key
 from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
 from ..methods.base import Param
 from ..methods.registry import get_method
-from ..metrics.baselines import random_maps
+from ..metrics.baselines import content_key, random_maps
 from ..metrics.perturbation import BASELINES, METRICS, area_under_curve, baseline_inputs, patch_size, perturbation_curves
 from ..metrics.pointing import TILES, arrangements, check_grid, compose_grids, image_groups, tile_shares
 from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, class_synonyms_for, plan_model, resolve_class
@@ -366,10 +366,10 @@ class BatchEvaluator:
     def autocast(self) -> ContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
 
-    def maps(self, pixels: torch.Tensor, targets: torch.Tensor, rows: Sequence[Row],
-             random_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def maps(self, pixels: torch.Tensor, targets: torch.Tensor, rows: Sequence[Row]) -> dict[str, torch.Tensor]:
         """Each row's maps ``(B, T, gh, gw)`` for the targets ``(B, T)``: one capture per group of explainers
-        with equal capture specs; the random row's from ``random_keys`` (one map per image, for every target)."""
+        with equal capture specs; the random row's seeded by each input's content (one map per image, for every
+        target)."""
         groups: dict[tuple, list[Row]] = {}
         for row in rows:
             if row.request is not None:
@@ -387,7 +387,8 @@ class BatchEvaluator:
             del capture
         if any(row.request is None for row in rows):
             grid = token_layout(self.model, tuple(pixels.shape[-2:])).grid
-            maps[RANDOM] = random_maps(random_keys, grid, self.evaluation.seed).to(pixels.device).unsqueeze(
+            keys = [content_key(image) for image in pixels]
+            maps[RANDOM] = random_maps(keys, grid, self.evaluation.seed).to(pixels.device).unsqueeze(
                 1).expand(-1, count, -1, -1)
         return maps
 
@@ -407,7 +408,7 @@ class BatchEvaluator:
         finite = torch.isfinite(probabilities).all(dim=1)
         lines: list[list[dict]] = [[] for _ in paths]
         if evaluation.perturbations:
-            maps = self.maps(pixels, targets, evaluation.rows, keys)
+            maps = self.maps(pixels, targets, evaluation.rows)
             for row_maps in maps.values():
                 finite &= torch.isfinite(row_maps).flatten(1).all(dim=1)
             self.perturbation_lines(pixels, paths, keys, probabilities, targets, maps, finite, done, writer, lines)
@@ -466,10 +467,10 @@ class BatchEvaluator:
                 entry = writer.write(name, {"raw": (".npy", encoded_array(mask))}, {**entry, "name": name})
             lines[index].append(entry)
 
-    def grid_shares(self, grids: torch.Tensor, targets: torch.Tensor, grid_keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    def grid_shares(self, grids: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         """``(G, 4)`` share of each tile's map in its own tile, per grid row, for grids ``(G, 3, H, W)`` whose
         tiles show the classes ``targets`` ``(G, 4)``."""
-        maps = self.maps(grids.to(self.device), targets.to(self.device), self.evaluation.grid_rows, grid_keys)
+        maps = self.maps(grids.to(self.device), targets.to(self.device), self.evaluation.grid_rows)
         return {label: torch.stack([tile_shares(row_maps[:, tile])[:, tile] for tile in range(TILES)], dim=1)
                 for label, row_maps in maps.items()}
 
@@ -532,8 +533,7 @@ def evaluate_grids(job: EvaluationJob, evaluator: BatchEvaluator, recorder: Reco
         layouts = [arrangements(group)[shift] for group, shift in chunk]
         tiles = torch.tensor([[position[path] for path in layout] for layout in layouts])
         targets = torch.tensor([[predicted[path] for path in layout] for layout in layouts])
-        grid_keys = [f"grid:{':'.join(input_key(p) for p in group)}:{shift}" for group, shift in chunk]
-        shares = evaluator.grid_shares(compose_grids(batch.pixels, tiles), targets, grid_keys)
+        shares = evaluator.grid_shares(compose_grids(batch.pixels, tiles), targets)
         lines = []
         for row in evaluation.grid_rows:
             record = evaluation.grid_record(row)
