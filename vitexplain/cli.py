@@ -331,11 +331,7 @@ def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | 
                                 part="ray-driver" if engine == "ray" else None, **params)
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
-        console.print(f"[bold]{literal(ready.request.describe())}[/]", highlight=False, soft_wrap=True)
-        for text in ready.writer.warnings:
-            warn(text)
-        for failure in ready.input_failures:
-            report_failure(failure)
+        print_header(ready.request.describe(), ready.writer.warnings, ready.input_failures)
         summary = explain_with_progress(ready, options)
     except KeyboardInterrupt:  # Ctrl-C before the images stream (loading torch, the weights): nothing to finish
         console.print("[bold yellow]interrupted[/] before any image was explained; nothing was written.")
@@ -366,14 +362,9 @@ def run_evaluation(options: dict, shared: dict) -> None:
                 shared, param_label=lambda p: p.flag)
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
-        console.print(f"[bold]{literal(ready.evaluation.describe())}[/]", highlight=False, soft_wrap=True)
-        for text in ready.writer.warnings:
-            warn(text)
-        for failure in ready.input_failures:
-            report_failure(failure)
-        previous_handler = signal.signal(signal.SIGTERM, interrupt)
+        print_header(ready.evaluation.describe(), ready.writer.warnings, ready.input_failures)
         try:
-            with progress_bar() as progress:
+            with sigterm_stops(), progress_bar() as progress:
                 images = progress.add_task("images", total=len(ready.todo), visible=bool(ready.todo))
                 grids = progress.add_task("grids", total=None, visible=False)
                 summary = ev.execute_evaluation(
@@ -384,8 +375,6 @@ def run_evaluation(options: dict, shared: dict) -> None:
                     on_stop_request=lambda: console.print("stopping after this batch (Ctrl-C again to stop now)"))
         except ModelLoadError as error:
             raise fail(str(error), code=2) from None
-        finally:
-            signal.signal(signal.SIGTERM, previous_handler)
     except KeyboardInterrupt:
         console.print("[bold yellow]interrupted[/] before any image was evaluated; nothing was written.")
         raise typer.Exit(130) from None
@@ -475,9 +464,8 @@ def explain_with_progress(ready: Job, options: dict) -> RunSummary:
         return RunSummary()
     keep_heap_memory()  # process-wide, so the command line's to set: see vitexplain.run.allocator
     timer = StageTimer(ready.device) if options["profile"] else None
-    previous_handler = signal.signal(signal.SIGTERM, interrupt)
     try:
-        with progress_bar() as progress:
+        with sigterm_stops(), progress_bar() as progress:
             label = ready.request.method + (" sweep" if ready.request.sweep else "")
             task = progress.add_task(label, total=len(ready.todo))
             within = progress.add_task("  per image", total=None, visible=False)
@@ -494,9 +482,27 @@ def explain_with_progress(ready: Job, options: dict) -> RunSummary:
     except UnsupportedModelError as error:
         raise fail(str(error), code=2) from None
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
         if timer is not None:
             print_profile(timer, len(ready.todo))
+
+
+def print_header(description: str, warnings: list[str], failures: list[Failure]) -> None:
+    """What the run computes, on one line; then what the manifest reader skipped and the unusable inputs."""
+    console.print(f"[bold]{literal(description)}[/]", highlight=False, soft_wrap=True)
+    for text in warnings:
+        warn(text)
+    for failure in failures:
+        report_failure(failure)
+
+
+@contextmanager
+def sigterm_stops() -> Iterator[None]:
+    """Within the context SIGTERM stops the run as Ctrl-C does."""
+    previous_handler = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 @contextmanager

@@ -309,7 +309,7 @@ def execute_evaluation(job: EvaluationJob, batch_size: int = 8, num_workers: int
         for failure in job.input_failures:
             writer.record_failure(failure.path, failure.reason, record)
         with_grid = "grid" in evaluation.metrics
-        if not job.todo and not (with_grid and pending_grids(job)):
+        if not job.todo and not (with_grid and pending_grids(job, writer.entries())):
             return summary
         network = build_model(evaluation.plan).to(job.device).eval()
         evaluator = BatchEvaluator(evaluation, network, job.device, batch_size)
@@ -319,7 +319,7 @@ def execute_evaluation(job: EvaluationJob, batch_size: int = 8, num_workers: int
                 if job.todo:
                     workers = loader_workers(num_workers, job.device, len(job.todo), on_notice)
                     evaluate_inputs(job, evaluator, workers, recorder, summary, on_images, stop)
-                if with_grid:
+                if with_grid and not summary.stopped:
                     evaluate_grids(job, evaluator, recorder, summary, on_grids, on_failure, stop)
             except KeyboardInterrupt:
                 summary.interrupted = True
@@ -475,38 +475,39 @@ class BatchEvaluator:
                 for label, row_maps in maps.items()}
 
 
-def predictions(job: EvaluationJob) -> list[tuple[Path, int]]:
-    """The inputs with a prediction line, in input order, and their predicted class."""
+def predictions(job: EvaluationJob, entries: list[dict]) -> list[tuple[Path, int]]:
+    """The inputs with a prediction line among ``entries`` (the lines read), in input order, and their
+    predicted class."""
     record = job.evaluation.prediction_record()
     found = {}
-    for entry in job.writer.entries():
+    for entry in entries:
         if entry["status"] == "ok" and entry["request"].get("key") == record["key"] and isinstance(entry.get("predicted"), int):
             found[entry["input"]] = entry["predicted"]
     return [(path, found[input_key(path)]) for path in job.paths if input_key(path) in found]
 
 
-def grid_work(job: EvaluationJob) -> list[tuple[tuple[Path, ...], int]]:
+def grid_work(job: EvaluationJob, entries: list[dict]) -> list[tuple[tuple[Path, ...], int]]:
     """Every (group of four inputs, arrangement) of the pointing game for the current inputs."""
-    known = predictions(job)
+    known = predictions(job, entries)
     groups = image_groups([cls for _path, cls in known])
     return [(tuple(known[i][0] for i in group), shift) for group in groups for shift in range(TILES)]
 
 
-def grid_lines_done(job: EvaluationJob) -> set[tuple[str, tuple[str, ...], int]]:
-    """``(row key, group's input keys, arrangement)`` whose four tile lines are all written."""
+def grid_lines_done(entries: list[dict]) -> set[tuple[str, tuple[str, ...], int]]:
+    """``(row key, group's input keys, arrangement)`` whose four tile lines are all among ``entries``."""
     tiles: dict[tuple[str, tuple[str, ...], int], set] = {}
-    for entry in job.writer.entries():
+    for entry in entries:
         group = entry.get("group")
         if entry["status"] == "ok" and isinstance(group, list) and isinstance(entry.get("arrangement"), int):
             tiles.setdefault((entry["request"]["key"], tuple(group), entry["arrangement"]), set()).add(entry.get("tile"))
     return {identity for identity, found in tiles.items() if len(found) >= TILES}
 
 
-def pending_grids(job: EvaluationJob) -> list[tuple[tuple[Path, ...], int]]:
-    """The (group, arrangement) pairs with a grid row still to evaluate."""
-    finished = grid_lines_done(job)
+def pending_grids(job: EvaluationJob, entries: list[dict]) -> list[tuple[tuple[Path, ...], int]]:
+    """The (group, arrangement) pairs with a grid row still to evaluate, by the lines read (``entries``)."""
+    finished = grid_lines_done(entries)
     keys = [job.evaluation.grid_record(row)["key"] for row in job.evaluation.grid_rows]
-    return [(group, shift) for group, shift in grid_work(job)
+    return [(group, shift) for group, shift in grid_work(job, entries)
             if any((key, tuple(input_key(p) for p in group), shift) not in finished for key in keys)]
 
 
@@ -514,8 +515,9 @@ def evaluate_grids(job: EvaluationJob, evaluator: BatchEvaluator, recorder: Reco
                    on_grids: Callable[[int, int], None], on_failure: Callable[[Failure], None],
                    stop: StopRequests) -> None:
     """Phase 2: the grid pointing game over the groups still to do, ``batch_size`` grids at a time."""
-    work = pending_grids(job)
-    predicted = dict(predictions(job))
+    entries = job.writer.entries()
+    work = pending_grids(job, entries)
+    predicted = dict(predictions(job, entries))
     evaluation = job.evaluation
     on_grids(0, len(work))
     for start in range(0, len(work), evaluator.batch_size):

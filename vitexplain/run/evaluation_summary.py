@@ -53,9 +53,11 @@ def summarize(job: EvaluationJob) -> list[RowSummary]:
     """Each row's summary over the current inputs' lines (metrics without a line yet are left out)."""
     evaluation = job.evaluation
     inputs = {input_key(path) for path in job.paths}
-    groups = {tuple(input_key(p) for p in group) for group, _shift in grid_work(job)} if "grid" in evaluation.metrics else set()
+    entries = job.writer.entries()
+    groups = {tuple(input_key(p) for p in group) for group, _shift in grid_work(job, entries)} \
+        if "grid" in evaluation.metrics else set()
     latest: dict[tuple, dict] = {}
-    for entry in job.writer.entries():
+    for entry in entries:
         if entry["status"] != "ok":
             continue
         if isinstance(entry.get("group"), list):
