@@ -23,6 +23,7 @@ import json
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -151,16 +152,26 @@ class Evaluation:
         return {"checkpoint": self.plan.source.record().get("checkpoint")}
 
     def prediction_record(self) -> dict:
-        return keyed("prediction", self.common(), self.shown())
+        return self.records["prediction"]
 
     def perturbation_record(self, row: Row) -> dict:
-        return keyed("perturbation", {**self.common(), "label": row.label, **row.identity(self.seed),
-                                      "metrics": list(self.perturbations), "steps": self.steps,
-                                      "baseline": self.baseline, "classes": list(self.classes or []) or None,
-                                      "save_raw": self.save_raw}, self.shown())
+        return self.records["perturbation", row.label]
 
     def grid_record(self, row: Row) -> dict:
-        return keyed("grid", {**self.common(), "label": row.label, **row.identity(self.seed)}, self.shown())
+        return self.records["grid", row.label]
+
+    @cached_property
+    def records(self) -> dict:
+        """Every record this evaluation writes, built (and hashed) once: they are looked up per input × row."""
+        records: dict = {"prediction": keyed("prediction", self.common(), self.shown())}
+        for row in self.rows:
+            records["perturbation", row.label] = keyed(
+                "perturbation", {**self.common(), "label": row.label, **row.identity(self.seed),
+                                 "metrics": list(self.perturbations), "steps": self.steps, "baseline": self.baseline,
+                                 "classes": list(self.classes or []) or None, "save_raw": self.save_raw}, self.shown())
+            records["grid", row.label] = keyed("grid", {**self.common(), "label": row.label,
+                                                        **row.identity(self.seed)}, self.shown())
+        return records
 
     @property
     def grid_rows(self) -> list[Row]:

@@ -53,7 +53,6 @@ class WorkerSpec:
     out: str
     batches: tuple[tuple[str, ...], ...]  # the inputs of each batch, as a local run would make them
     all_paths: tuple[str, ...]  # every input of the run (names do not depend on who writes first)
-    done: frozenset[tuple[str, int]]  # outputs complete already
     device: str
     threads: int
 
@@ -88,7 +87,7 @@ class ExplainBatches:
         indices, explained, failures = [], [], []
         request = self.spec.request
         for index in batch["index"].tolist():
-            done = self.spec.done | self.completed.update()  # a retried batch: what the lost worker finished
+            done = self.completed.update()  # all recorded so far: for a retried batch, what the lost worker finished
             paths = [Path(p) for p in self.spec.batches[index]
                      if any((input_key(Path(p)), i) not in done for i in range(request.outputs_per_image))]
             summary = explain_paths(request, self.model, paths, self.writer, batch_size=max(1, len(paths)),
@@ -147,8 +146,8 @@ def run_on_ray(job: Job, workers: int = 1, cpus_per_worker: float = 1.0, gpus_pe
                             for i in range(0, len(job.todo), job.batch_size))
             spec = WorkerSpec(job.request, job.plan.name, source.checkpoint, source.weights == "pretrained",
                               dict(source.model_kwargs), str(job.writer.out_dir), batches,
-                              tuple(str(p) for p in job.all_paths), frozenset(job.done),
-                              "cuda" if gpus_per_worker > 0 else "cpu", max(1, int(cpus_per_worker)))
+                              tuple(str(p) for p in job.all_paths), "cuda" if gpus_per_worker > 0 else "cpu",
+                              max(1, int(cpus_per_worker)))
             dataset = ray.data.from_items([{"index": i} for i in range(len(batches))], override_num_blocks=len(batches))
             results = dataset.map_batches(ExplainBatches, fn_constructor_args=(spec,), batch_size=1,
                                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=cpus_per_worker,
