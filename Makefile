@@ -35,12 +35,17 @@ GALLERY ?= docs/gallery
 GALLERY_RUN = $(BIN)/vitexplain
 GALLERY_ARGS = --model $(MODEL) $(CHECKPOINT_ARG) --out $(GALLERY) --max-side 224
 
-# The README's evaluation table and curves: `evaluate` over the bundled photos (the table is spliced in).
+# The README's evaluation tables and curves: `evaluate` over the bundled photos with both reference models
+# (DeiT-tiny and ViT-tiny; the tables are spliced in).
 EVALUATION_OUT ?= $(OUT)/examples-evaluation
+EVALUATION_METHODS ?= rollout,grad-rollout,flow,grad-attention,chefer,legrad,lrp,lrp[rule=cp-conservative],lrp[rule=attnlrp]
+SECOND_MODEL ?= vit_tiny_patch16_224
+SECOND_CHECKPOINT ?= $(wildcard ../shared/weights/$(SECOND_MODEL).pth)
+SECOND_CHECKPOINT_ARG := $(if $(SECOND_CHECKPOINT),--checkpoint $(SECOND_CHECKPOINT))
 
 examples: install
 	$(MAKE) gallery
-	$(BIN)/python docs/splice_table.py $(EVALUATION_OUT)/summary.md README.md
+	$(BIN)/python docs/splice_table.py README.md $(EVALUATION_OUT)/summary.md $(EVALUATION_OUT)-$(SECOND_MODEL)/summary.md
 
 gallery:
 	rm -rf $(GALLERY)
@@ -55,10 +60,13 @@ gallery:
 	$(GALLERY_RUN) chefer examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) legrad examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
 	$(GALLERY_RUN) legrad examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
+	$(GALLERY_RUN) lrp examples/images/rocket.jpg $(GALLERY_ARGS) --class 517 --class 657
+	$(GALLERY_RUN) lrp examples/images/coffee.jpg $(GALLERY_ARGS) --class espresso --class "wooden spoon"
 	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
 	rm -f $(GALLERY)/manifest.jsonl $(GALLERY)/.vitexplain.lock
-	rm -rf $(EVALUATION_OUT)
-	$(GALLERY_RUN) evaluate examples/images --model $(MODEL) $(CHECKPOINT_ARG) --out $(EVALUATION_OUT)
+	rm -rf $(EVALUATION_OUT) $(EVALUATION_OUT)-$(SECOND_MODEL)
+	$(GALLERY_RUN) evaluate examples/images --model $(MODEL) $(CHECKPOINT_ARG) --out $(EVALUATION_OUT) --methods '$(EVALUATION_METHODS)'
+	$(GALLERY_RUN) evaluate examples/images --model $(SECOND_MODEL) $(SECOND_CHECKPOINT_ARG) --out $(EVALUATION_OUT)-$(SECOND_MODEL) --methods '$(EVALUATION_METHODS)'
 	cp $(EVALUATION_OUT)/curves.png $(GALLERY)/evaluation-curves.png
 
 bench: install

@@ -7,7 +7,7 @@ decoding or writing):
     inference      bare timm inference (fused attention, inference mode)
     rollout        `rollout` (mean, discard 0.9): capture + the method, on the device
     fwd+bwd        forward + backward to the input (∂ top-1 logit / ∂ input), no weight gradients
-    grad-rollout, grad-attention, chefer, legrad: each class-specific method, top-1 target
+    grad-rollout, grad-attention, chefer, legrad, lrp: each class-specific method, top-1 target
 
 Each cell is images/s (median of --rounds timed passes after a warm-up pass, synchronised), and the ratios
 rollout/inference and method/fwd+bwd. `--device cpu --images 16 --rounds 1` checks the script anywhere.
@@ -26,7 +26,7 @@ import torch
 from vitexplain import get_method, load_model
 
 MODELS = ("deit_tiny_patch16_224", "vit_base_patch16_224")
-CLASS_SPECIFIC = ("grad-rollout", "grad-attention", "chefer", "legrad")
+CLASS_SPECIFIC = ("grad-rollout", "grad-attention", "chefer", "legrad", "lrp")
 
 
 def synchronize(device: torch.device) -> None:

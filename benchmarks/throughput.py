@@ -2,7 +2,7 @@
 
     (a) plain timm inference (fused attention, inference mode)      (b) `rollout` end to end, overlays written
     (c) forward + backward (∂ top-1 logit / ∂ input, no weight grads) (d) `grad-rollout` end to end, overlays written
-    and each further class-specific method of --methods end to end (default: grad-attention, chefer, legrad),
+    and each further class-specific method of --methods end to end (default: grad-attention, chefer, legrad, lrp),
     against (c) (target: each >= 0.8).
 
 Prints images/s for each (the median over --rounds rounds, the four runs interleaved in every round, so
@@ -93,7 +93,7 @@ def main() -> None:
     parser.add_argument("--model", default="deit_tiny_patch16_224")
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--methods", default="grad-attention,chefer,legrad",
+    parser.add_argument("--methods", default="grad-attention,chefer,legrad,lrp",
                         help="further class-specific methods to run end to end against (c), comma-separated")
     args = parser.parse_args()
     keep_heap_memory()

@@ -1,9 +1,11 @@
-"""Put an evaluation's ``summary.md`` table into the README between its two markers (``make examples``).
+"""Put evaluations' ``summary.md`` tables into the README between its two markers (``make examples``), each
+headed by the model it measured (read from the evaluation's ``summary.json``).
 
-    python docs/splice_table.py SUMMARY_MD README_MD
+    python docs/splice_table.py README_MD SUMMARY_MD [SUMMARY_MD ...]
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -19,6 +21,15 @@ def splice(table: str, document: str) -> str:
     return f"{head}{START}\n{table.strip()}\n{END}{tail}"
 
 
+def headed_tables(summaries: list[Path]) -> str:
+    """Each ``summary.md`` under a line naming its model."""
+    parts = []
+    for summary in summaries:
+        model = json.loads((summary.parent / "summary.json").read_text())["evaluation"]["model"]["name"]
+        parts.append(f"**{model}**\n\n{summary.read_text().strip()}")
+    return "\n\n".join(parts)
+
+
 if __name__ == "__main__":
-    summary, readme = map(Path, sys.argv[1:3])
-    readme.write_text(splice(summary.read_text(), readme.read_text()))
+    readme, *summaries = map(Path, sys.argv[1:])
+    readme.write_text(splice(headed_tables(summaries), readme.read_text()))

@@ -173,3 +173,32 @@ def test_a_killed_ray_worker_loses_at_most_its_batch_and_the_rerun_completes(tmp
     assert sorted(Path(e["input"]).name for e in ok) == [f"img{i:02d}.png" for i in range(40)]  # once each
     assert all(Path(e["overlay"]).is_file() and Path(e["raw"]).is_file() for e in ok)
     assert sorted(p.name for p in out.glob("*.npy")) == [f"img{i:02d}_rollout_mean_d0.9.npy" for i in range(40)]
+
+
+def test_ctrl_c_to_a_ray_driver_counts_what_the_manifests_hold_and_keeps_rays_messages_off_the_terminal(
+        tmp_path, save_test_vit):
+    for i in range(40):
+        write_image(tmp_path / "in" / f"img{i:02d}.png", (40, 40), seed=i)
+    _, checkpoint = save_test_vit()
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "vitexplain", "rollout", str(tmp_path / "in"), "--model", "test_vit", "--checkpoint",
+            str(checkpoint), "-o", str(out), "-b", "1", "--engine", "ray", "--ray-workers", "2"]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "RAY_ADDRESS": "", "COLUMNS": "250"})
+    deadline = time.monotonic() + 200
+    while process.poll() is None and time.monotonic() < deadline:
+        if out.is_dir() and sum(p.read_text().count("\n") for p in out.glob("manifest.ray-*.jsonl")) >= 6:
+            process.send_signal(signal.SIGINT)
+            break
+        time.sleep(0.02)
+    output, _ = process.communicate(timeout=300)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 130, output
+    recorded = len([e for e in OutputWriter(out, locked=False).entries() if e["status"] == "ok"])
+    assert f"{recorded} images → {recorded} outputs" in output and recorded >= 6
+    assert f"manifest: {out / 'manifest.jsonl'}" in " ".join(output.split()) and "ray-driver" not in output
+    assert "core_worker" not in output and (out / "ray.log").is_file()  # Ray's own messages: in the log
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(OutputWriter(out, locked=False).entries()) == 40

@@ -16,6 +16,7 @@ __getattr__, __dir__, __all__ = lazy_exports(__name__, {
     "GradientAttention": ".methods.grad_attention",
     "CheferRelevance": ".methods.chefer",
     "LeGrad": ".methods.legrad",
+    "LayerwiseRelevance": ".methods.lrp",
     "chefer_relevance": ".methods.chefer",
     "gradient_attention": ".methods.grad_attention",
     "Capture": ".capture.record",

@@ -7,8 +7,10 @@ runs, so ``--help`` answers at once.
 from __future__ import annotations
 
 import inspect
+import os
 import signal
-from contextlib import contextmanager
+import sys
+from contextlib import contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, Optional
@@ -70,11 +72,12 @@ GridOpt = Annotated[bool, typer.Option("--grid", help="Also write a contact shee
 SCALE_PANEL = "Scaling out"
 EngineChoice = choices("EngineChoice", ("local", "ray"))
 ShardOpt = Annotated[Optional[str], typer.Option("--shard", help="K/N: this process's share of the inputs (the sorted list's batches K, K+N, …), for launchers that start N processes (SLURM arrays, torchrun); each writes its own manifest part into the shared --out. Then: vitexplain compact OUT.", show_default=False, rich_help_panel=SCALE_PANEL)]
-EngineOpt = Annotated[EngineChoice, typer.Option("--engine", help="local: this process; ray: Ray Data actors on a Ray cluster (pip install 'vitexplain[ray]').", rich_help_panel=SCALE_PANEL)]
+EngineOpt = Annotated[EngineChoice, typer.Option("--engine", help=escape("local: this process; ray: Ray Data actors on a Ray cluster (pip install 'vitexplain[ray]')."), rich_help_panel=SCALE_PANEL)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Ray cluster to join. Default: the running cluster, else a local instance started for the run.", show_default=False, rich_help_panel=SCALE_PANEL)]
 RayWorkersOpt = Annotated[int, typer.Option("--ray-workers", min=1, help="Ray actors, each loading the model once.", rich_help_panel=SCALE_PANEL)]
 CpusPerWorkerOpt = Annotated[float, typer.Option("--cpus-per-worker", min=0.0, help="CPUs each Ray actor reserves (and its torch threads).", rich_help_panel=SCALE_PANEL)]
 GpusPerWorkerOpt = Annotated[float, typer.Option("--gpus-per-worker", min=0.0, help="GPUs each Ray actor reserves; above 0 it explains on CUDA.", rich_help_panel=SCALE_PANEL)]
+RayLogsOpt = Annotated[bool, typer.Option("--ray-logs", help="Show Ray's own messages on the terminal; otherwise they go to OUT/ray.log.", rich_help_panel=SCALE_PANEL)]
 
 
 def literal(text: object) -> str:
@@ -122,6 +125,7 @@ COMMON = [
     ("overwrite", OverwriteOpt, False), ("profile", ProfileOpt, False), ("amp", AmpOpt, False),
     ("shard", ShardOpt, None), ("engine", EngineOpt, EngineChoice.local), ("ray_address", RayAddressOpt, None),
     ("ray_workers", RayWorkersOpt, 1), ("cpus_per_worker", CpusPerWorkerOpt, 1.0), ("gpus_per_worker", GpusPerWorkerOpt, 0.0),
+    ("ray_logs", RayLogsOpt, False),
 ]
 
 
@@ -406,9 +410,13 @@ def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
     """The method × metric table: mean (95% bootstrap interval) and the count: images / grid tiles."""
     from rich.table import Table
 
-    from .run.evaluation_summary import HEADINGS, table_rows
+    from .run.evaluation_summary import HEADINGS, MetricSummary, table_rows
 
-    table = Table(title="faithfulness: mean (95% bootstrap interval)", title_justify="left")
+    no_grids = "grid" in metrics and not any(isinstance(row.metrics.get("grid"), MetricSummary) for row in rows)
+    caption = ("grid pointing game –: no four inputs with different predicted classes to tile (it needs at least "
+               "four classes among the predictions)") if no_grids else None
+    table = Table(title="faithfulness: mean (95% bootstrap interval)", title_justify="left", caption=caption,
+                  caption_justify="left")
     table.add_column("method", no_wrap=True)
     for metric in metrics:
         table.add_column(HEADINGS[metric], justify="right")
@@ -431,16 +439,46 @@ def check_engine_options(options: dict, engine: str, shard) -> None:
         return
     given = [flag for name, flag, default in (("ray_address", "--ray-address", None), ("ray_workers", "--ray-workers", 1),
                                               ("cpus_per_worker", "--cpus-per-worker", 1.0),
-                                              ("gpus_per_worker", "--gpus-per-worker", 0.0)) if options[name] != default]
+                                              ("gpus_per_worker", "--gpus-per-worker", 0.0),
+                                              ("ray_logs", "--ray-logs", False)) if options[name] != default]
     if given:
         raise ValueError(f"{given[0]} applies to --engine ray")
+
+
+@contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """Within the context, what is written to file descriptor 2 — Ray's C++ core, the processes it starts,
+    Python warnings — is appended to ``path``; this console keeps the terminal."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    terminal = None
+    try:
+        if sys.stderr.fileno() == 2:  # the console writes to the real stderr: give it the terminal's copy
+            terminal = os.fdopen(os.dup(saved), "w", buffering=1)
+    except (AttributeError, OSError, ValueError):  # a captured stderr (tests): it is not descriptor 2
+        pass
+    log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    os.dup2(log, 2)
+    os.close(log)
+    if terminal is not None:
+        console.file = terminal
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        if terminal is not None:
+            console.file = None  # back to writing to whatever sys.stderr is
+            terminal.close()
 
 
 def explain_on_ray(ready: Job, options: dict) -> RunSummary:
     """The run on Ray actors under a progress bar."""
     from .run.ray_engine import run_on_ray
 
-    with progress_bar() as progress:
+    logs = nullcontext() if options["ray_logs"] else stderr_to(ready.writer.out_dir / "ray.log")
+    with logs, progress_bar() as progress:
         label = ready.request.method + (" sweep" if ready.request.sweep else "") + " on Ray"
         task = progress.add_task(label, total=len(ready.todo))
         return run_on_ray(ready, options["ray_workers"], options["cpus_per_worker"], options["gpus_per_worker"],
@@ -551,7 +589,9 @@ def print_summary(summary: RunSummary, failed: int, ready: Job) -> None:
         console.print(f"[bold red]stopped:[/] {literal(summary.stopped)}", highlight=False, soft_wrap=True)
     head = "[bold yellow]interrupted:[/]" if summary.interrupted else "[bold red]stopped:[/]" if summary.stopped \
         else "[green]done:[/]"
-    console.print(f"{head} {'; '.join(parts)}; manifest: {literal(writer.manifest_path)}", highlight=False)
+    others = [f for f in writer.manifest_files() if f != writer.manifest_path and f.is_file()]
+    folded = f" (+{plural(len(others), 'part')}: vitexplain compact {literal(writer.out_dir)} folds them)" if others else ""
+    console.print(f"{head} {'; '.join(parts)}; manifest: {literal(writer.manifest_path)}{folded}", highlight=False)
     if summary.interrupted or summary.stopped:
         console.print("Everything written so far is complete and in the manifest: run the same command again to finish.")
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import difflib
-import os
 import hashlib
+import os
+import pickle
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -106,9 +107,19 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # unpickling and format errors come in many types
-        raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: {str(error).strip() or type(error).__name__}"
-                               ) from error
+    except pickle.UnpicklingError as error:  # torch's message runs to many lines of advice: one line, its reason
+        message = str(error)
+        if "Unsupported global" not in message and "can still be loaded" not in message:  # not a checkpoint at all
+            reason = message.partition("WeightsUnpickler error:")[2].partition("Check the documentation")[0]
+            raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: "
+                                   f"{' '.join((reason or message).split())}") from error
+        raise ModelChoiceError(
+            f"checkpoint {str(path)!r} holds pickled objects besides tensors, which torch.load(weights_only=True) "
+            "refuses to run; if you trust it, load it once and save its tensors (safetensors.torch.save_file, or "
+            "torch.save(model.state_dict(), ...))") from error
+    except Exception as error:  # format errors come in many types
+        raise ModelChoiceError(f"cannot read checkpoint {str(path)!r}: "
+                               f"{' '.join(str(error).split()) or type(error).__name__}") from error
     for key in STATE_DICT_KEYS:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

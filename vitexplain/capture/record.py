@@ -41,6 +41,7 @@ class Capture:
     readout: Tensor
     layout: TokenLayout
     block_outputs: list[Tensor] | None = None  # z_l per block, with ``block_outputs=True``
+    entering: dict[int, Tensor] | None = None  # h_l, the tokens entering block l, with ``entering=(l, …)``
 
     def gradients(self, targets: Tensor, retain_graph: bool = True,
                   layers: Sequence[int] | None = None) -> list[Tensor | None]:
@@ -137,7 +138,30 @@ def separated_blocks(model: nn.Module) -> Iterator[list[Tensor]]:
 
 
 @contextmanager
-def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[None]:
+def entering_blocks(model: nn.Module, positions: Sequence[int]) -> Iterator[dict[int, Tensor]]:
+    """Within the context, the tokens entering block ``l`` for each ``l`` of ``positions`` are kept in the
+    yielded dict, ``(B, N, C)``; ``l = depth`` is the last block's output, entering the final norm."""
+    depth = len(model.blocks)
+    bad = [p for p in positions if not 0 <= p <= depth]
+    if bad:
+        raise ValueError(f"block position {bad[0]} is outside 0…{depth} for a model of {depth} blocks")
+    found: dict[int, Tensor] = {}
+
+    def keeper(position: int):
+        def hook(_module, args):
+            found[position] = args[0]
+        return hook
+
+    hooks = [(model.blocks[p] if p < depth else model.norm).register_forward_pre_hook(keeper(p)) for p in positions]
+    try:
+        yield found
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextmanager
+def prefix_only_last_block(model: nn.Module, layout: TokenLayout, enabled: bool = True) -> Iterator[None]:
     """Within the context, the last block returns only the prefix tokens, if the head reads nothing else.
 
     With token pooling the logits depend on the last block's output ``x'[:, :p]`` alone
@@ -148,7 +172,7 @@ def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[No
     Other block types and heads (average, attention pool) are left as they are.
     """
     block = model.blocks[-1]
-    applies = bool(layout.protected_tokens) and type(block) is Block
+    applies = enabled and bool(layout.protected_tokens) and type(block) is Block
     if applies:
         keep = layout.num_prefix_tokens
 
@@ -165,7 +189,8 @@ def prefix_only_last_block(model: nn.Module, layout: TokenLayout) -> Iterator[No
 
 
 def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
-                      fusion: Fusion | None = None, block_outputs: bool = False) -> Capture:
+                      fusion: Fusion | None = None, block_outputs: bool = False,
+                      entering: Sequence[int] = ()) -> Capture:
     """Run ``model`` on ``images`` ``(B, 3, H, W)`` and record what the methods need.
 
     With ``with_grad`` the graph is kept so that :meth:`Capture.gradients` can
@@ -173,14 +198,16 @@ def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
     ``fusion``, each layer's heads are fused as soon as they are produced,
     ``(B, H, N, N) → (B, 1, N, N)``, so that the full maps of all layers are never
     held at once. With ``block_outputs`` every block's output ``z_l`` is kept too, each block reading a
-    detached copy of the previous one's (:func:`separated_blocks`; the same logits). Raises
+    detached copy of the previous one's (:func:`separated_blocks`; the same logits). With ``entering`` the tokens
+    entering those blocks are kept (:func:`entering_blocks`; ``len(model.blocks)``: the last block's output). Raises
     :class:`.support.UnsupportedModelError` if a block records something other than its attention matrix.
     """
     layout = token_layout(model, tuple(images.shape[-2:]))
     grad_mode = torch.enable_grad() if with_grad else torch.no_grad()
     separated = separated_blocks(model) if block_outputs else nullcontext(None)
     with grad_mode, explicit_attention(model, fusion) as attentions, pool_input(model) as pooled, \
-            prefix_only_last_block(model, layout), separated as outputs:
+            prefix_only_last_block(model, layout, enabled=len(model.blocks) not in entering), separated as outputs, \
+            entering_blocks(model, entering) as tokens:
         logits = model(images)
     check_statistics(attentions.statistics)
     if len(attentions) != len(model.blocks):
@@ -191,4 +218,4 @@ def capture_attention(model: nn.Module, images: Tensor, with_grad: bool = False,
             f"{layout.grid[0]}×{layout.grid[1]} patches"
         )
     readout = readout_weights(model, layout, images.shape[0], pooled[0] if pooled else None, images.device)
-    return Capture(logits, list(attentions), readout, layout, outputs)
+    return Capture(logits, list(attentions), readout, layout, outputs, tokens if entering else None)

@@ -27,6 +27,7 @@ MANIFEST_NAME = "manifest.jsonl"
 LOCK_NAME = ".vitexplain.lock"
 PART = re.compile(r"[A-Za-z0-9_-]+")  # a manifest part's name: manifest.{part}.jsonl
 FILE_FIELDS = ("overlay", "raw", "gif", "grid")
+CLAIMS = ".{stem}.claims{part}.jsonl"  # beside the manifest: the names outputs claimed before their files were written
 SUFFIXES = (".png", ".jpg", ".npy", ".gif")
 MAX_NAME_BYTES = 230  # file names stay under 255 bytes with the longest suffix and the temporary prefix
 TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
@@ -167,14 +168,17 @@ class OutputLock:
 
 
 def digest(text: str, length: int = 8) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:length]
+    """Hex digits of ``text``'s SHA-1; a name's bytes that are not UTF-8 (surrogate-escaped, as Python reads them
+    from the file system) count as those bytes."""
+    return hashlib.sha1(os.fsencode(text)).hexdigest()[:length]
 
 
 def short_stem(stem: str) -> str:
     """``stem`` if output names built on it stay short enough for any file system, else its start and a hash."""
-    if len(stem.encode()) <= MAX_NAME_BYTES - 100:  # room for the longest labels
+    raw = os.fsencode(stem)  # the name's bytes, whatever their encoding
+    if len(raw) <= MAX_NAME_BYTES - 100:  # room for the longest labels
         return stem
-    head = stem.encode()[: MAX_NAME_BYTES - 110].decode(errors="ignore")
+    head = raw[: MAX_NAME_BYTES - 110].decode(errors="ignore")
     return f"{head}~{digest(stem)}"
 
 
@@ -199,9 +203,11 @@ class OutputWriter:
     """
 
     def __init__(self, out_dir: Path, manifest_name: str = MANIFEST_NAME, part: str | None = None,
-                 locked: bool = True):
+                 locked: bool = True, line_problem: Callable[[dict[str, Any]], str | None] = lambda entry: None):
         """``part``: append to ``manifest.{part}.jsonl`` (a shard's, a worker's) rather than the manifest;
-        ``locked=False`` takes no lock, for the workers of a run whose driver holds it."""
+        ``locked=False`` takes no lock, for the workers of a run whose driver holds it; ``line_problem`` says
+        what else makes a parsed entry unusable (``evaluate``: a score that is not a number), or ``None``."""
+        self.line_problem = line_problem
         if part is not None and not PART.fullmatch(part):
             raise ValueError(f"a manifest part is named by letters, digits, '-' and '_', got {part!r}")
         self.out_dir = check_writable(Path(out_dir), manifest_name)
@@ -221,9 +227,43 @@ class OutputWriter:
             if entry.get("status") == "ok":
                 self.names.setdefault(self.identity_of(entry), entry["name"])
                 self.taken.add(entry["name"])
+        self.claims_path = self.out_dir / CLAIMS.format(stem=stem, part="" if part is None else f".{part}")
+        self.claims_pattern = re.compile(re.escape(CLAIMS.format(stem=stem, part="")[:-len(".jsonl")])
+                                         + r"(\.(" + PART.pattern + r"))?\.jsonl")
+        self.exclusive = part is None and locked
+        self.open_claims: set[Identity] = set()  # claimed, and no entry listed yet
+        for identity, name in self.unfinished_claims(self.exclusive).items():  # rewritten in place
+            self.names[identity] = name
+            self.taken.add(name)
+            self.open_claims.add(identity)
+
+    def unfinished_claims(self, exclusive: bool) -> dict[Identity, str]:
+        """The names claimed (:meth:`write`) by outputs that no manifest entry lists: work a run left unfinished.
+        With no other writer at work (``exclusive``) the claims files are folded into one holding only these."""
+        claimed: dict[Identity, str] = {}
+        files = sorted(Path(e.path) for e in os.scandir(self.out_dir) if self.claims_pattern.fullmatch(e.name))
+        for path in files:
+            entries: list = []
+            self.parse_lines(path, path.read_bytes(), entries, {})
+            claimed.update((self.identity_of(e), e["name"]) for e in entries)
+        unfinished = {identity: name for identity, name in claimed.items() if identity not in self.names}
+        if exclusive and (len(unfinished) < len(claimed) or len(files) > 1):
+            lines = [json.dumps(self.claim(*identity, name)) + "\n" for identity, name in unfinished.items()]
+            atomic_write(self.claims_path, "".join(lines).encode())
+            for path in files:
+                if path != self.claims_path:
+                    path.unlink(missing_ok=True)
+        return unfinished
+
+    @staticmethod
+    def claim(input_key_: str, request: str | None, index: int, name: str) -> dict[str, Any]:
+        return {"input": input_key_, "status": "ok", "name": name, "output": index, "request": {"key": request}}
 
     def close(self) -> None:
-        """Release the folder's lock (the writer can still be read from)."""
+        """Release the folder's lock (the writer can still be read from); with no claim left open, the claims
+        file goes."""
+        if self.exclusive and not self.open_claims:
+            self.claims_path.unlink(missing_ok=True)
         self.lock.release()
 
     def remove_orphans(self) -> None:
@@ -280,12 +320,17 @@ class OutputWriter:
 
     def write(self, name: str, files: dict[str, tuple[str, Content]], entry: dict[str, Any]) -> dict[str, Any]:
         """Write one output's files ``{name}{suffix}`` and return its manifest entry (``entry`` with the
-        files' paths). ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the
+        files' absolute paths). A line naming the output goes to the claims file beside the manifest first
+        (:data:`CLAIMS`): if the run dies before the entry follows, the rerun knows the files under that name as
+        its own unfinished work and rewrites them in place, where a file of the user's under the name is never
+        touched. ``files`` maps a manifest field (``overlay``, ``raw``, ``gif``…) to a name suffix and the
         file's content. The entry is not yet in the manifest: :meth:`append_manifest` it once the files are
         written, so that the manifest lists only complete outputs.
 
         An error that concerns this output's files alone (a name the file system refuses, a folder in the
         way) returns a failure entry instead; a disk-level one (full, read-only) raises :class:`OutputStop`."""
+        self.append_line(self.claims_path, self.claim(entry["input"], entry["request"]["key"], entry.get("output", 0), name))
+        self.open_claims.add(self.identity_of(entry))
         paths = {}
         try:
             for field_name, (suffix, content) in files.items():
@@ -297,18 +342,24 @@ class OutputWriter:
                 raise stop from None
             return failure_entry(entry["input"], f"cannot write {paths[field_name].name}: {error.strerror or error}",
                                  entry["request"])
-        return {**entry, "name": name, **{field_name: str(path) for field_name, path in paths.items()}}
+        return {**entry, "name": name, **{field_name: os.path.abspath(path) for field_name, path in paths.items()}}
 
     def append_manifest(self, entry: dict[str, Any]) -> dict[str, Any]:
         """Append ``entry`` as one line of strict JSON to the manifest; returns it. Any error writing it raises
         :class:`OutputStop`: a run that cannot record its outputs stops."""
+        self.append_line(self.manifest_path, entry)
+        if entry["status"] == "ok":
+            self.open_claims.discard(self.identity_of(entry))
+        return entry
+
+    def append_line(self, path: Path, entry: dict[str, Any]) -> dict[str, Any]:
         line = json.dumps(entry, allow_nan=False) + "\n"
         try:
-            with self.manifest_path.open("a", encoding="utf-8") as manifest:
-                manifest.write(line)
+            with path.open("a", encoding="utf-8") as file:
+                file.write(line)
         except OSError as error:
             raise (stop_for(error, self.out_dir) or OutputStop(
-                f"cannot write {self.manifest_path}: {error.strerror or error}")) from None
+                f"cannot write {path}: {error.strerror or error}")) from None
         return entry
 
     def record_failure(self, input_path: Path, reason: str, request: dict[str, Any]) -> dict[str, Any]:
@@ -329,14 +380,15 @@ class OutputWriter:
                          for (path, problem), lines in skipped.items()]
         return entries
 
-    @staticmethod
-    def parse_lines(path: Path, data: bytes, entries: list, skipped: dict) -> None:
+    def parse_lines(self, path: Path, data: bytes, entries: list, skipped: dict) -> None:
+        """Append the usable entries among ``data``'s lines to ``entries``; note the others in ``skipped`` by
+        ``(path, problem)``: their work is redone."""
         for number, raw in enumerate(data.splitlines(), 1):
             if not raw.strip():
                 continue
             try:
                 entry = json.loads(raw.decode("utf-8"))
-                problem = entry_problem(entry)
+                problem = entry_problem(entry) or self.line_problem(entry)
             except UnicodeDecodeError:
                 problem = "not valid UTF-8"
             except json.JSONDecodeError:
@@ -355,7 +407,7 @@ class OutputWriter:
         """:meth:`completed` for every request key in the manifest, from one reading of it."""
         done: dict[str, set[tuple[str, int]]] = {}
         for e in self.entries():
-            if is_complete(e):
+            if is_complete(e, self.out_dir):
                 done.setdefault(request_key(e), set()).add((input_key(Path(e["input"])), int(e.get("output", 0))))
         return done
 
@@ -408,9 +460,12 @@ def compact_manifest(out_dir: Path, manifest_name: str = MANIFEST_NAME) -> int:
         writer.close()
 
 
-def is_complete(entry: dict[str, Any]) -> bool:
-    """Whether a manifest entry is a finished output whose files all still exist."""
-    return entry.get("status") == "ok" and all(Path(entry[f]).is_file() for f in FILE_FIELDS if entry.get(f))
+def is_complete(entry: dict[str, Any], folder: Path) -> bool:
+    """Whether a manifest entry is a finished output whose files all still exist in ``folder``, the manifest's
+    own folder (where every output file lives): the check does not depend on the working directory, on how
+    ``--out`` was typed, or on where the folder has moved since (older manifests recorded paths as typed)."""
+    return entry.get("status") == "ok" and all(
+        (folder / os.path.basename(entry[f])).is_file() for f in FILE_FIELDS if entry.get(f))
 
 
 class ManifestTail:
@@ -433,9 +488,9 @@ class ManifestTail:
             complete = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
             self.offsets[path] = self.offsets.get(path, 0) + len(complete)
             entries: list = []
-            OutputWriter.parse_lines(path, complete, entries, {})
+            self.writer.parse_lines(path, complete, entries, {})
             self.done |= {(input_key(Path(e["input"])), int(e.get("output", 0))) for e in entries
-                          if request_key(e) == self.request and is_complete(e)}
+                          if request_key(e) == self.request and is_complete(e, self.writer.out_dir)}
         return self.done
 
 

@@ -19,7 +19,8 @@ from importlib import import_module
 from .base import NEEDS, Explainer
 
 BUILTIN = ("vitexplain.methods.rollout", "vitexplain.methods.grad_rollout", "vitexplain.methods.flow",
-           "vitexplain.methods.grad_attention", "vitexplain.methods.chefer", "vitexplain.methods.legrad")
+           "vitexplain.methods.grad_attention", "vitexplain.methods.chefer", "vitexplain.methods.legrad",
+           "vitexplain.methods.lrp")
 ENTRY_POINT_GROUP = "vitexplain.methods"
 # options every command has, and the other arguments of Request.create and prepare: no method parameter may
 # take one of these names
@@ -27,7 +28,7 @@ RESERVED = frozenset({
     "inputs", "out", "model", "checkpoint", "classes", "batch_size", "device", "num_workers", "colormap", "alpha",
     "save_raw", "stretch", "max_side", "image_format", "overwrite", "profile", "amp", "method", "ratios", "fps",
     "gif", "grid", "help", "version", "render", "param_label", "pretrained", "methods", "metrics", "steps",
-    "baseline", "seed", "shared", "shard", "engine", "ray_address", "ray_workers", "cpus_per_worker",
+    "baseline", "seed", "shared", "shard", "engine", "ray_address", "ray_workers", "cpus_per_worker", "ray_logs",
     "gpus_per_worker", "part",
 })
 RESERVED_NAMES = frozenset({"sweep", "evaluate", "compact", "random"})  # the other subcommands, and evaluate's baseline row

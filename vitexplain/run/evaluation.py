@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -83,9 +84,27 @@ def parse_methods(text: str) -> list[tuple[str, dict[str, str]]]:
             name, equals, value = item.partition("=")
             if not equals or not name.strip() or not value.strip():
                 raise ValueError(f"--methods: {match.group(1)}[{match.group(2)}]: write option=value, got {item.strip()!r}")
-            settings[name.strip().replace("-", "_")] = value.strip()
+            option = name.strip().replace("-", "_")
+            if option in settings:
+                raise ValueError(f"--methods: {match.group(1)}[{match.group(2)}]: {name.strip()} is given twice")
+            settings[option] = value.strip()
         methods.append((match.group(1), settings))
     return methods
+
+
+def score_problem(entry: dict[str, Any]) -> str | None:
+    """What makes a parsed ``evaluation.jsonl`` line unusable: a perturbation line without a finite number for
+    each of its metrics, a grid line without a finite ``share`` (e.g. a hand-edited ``"deletion": "abc"``). Such
+    a line is skipped with a warning, and its work redone."""
+    if entry.get("status") != "ok":
+        return None
+    kind = entry["request"].get("kind")
+    fields = entry["request"].get("metrics") if kind == "perturbation" else ["share"] if kind == "grid" else []
+    for name in fields if isinstance(fields, list) else ["metrics"]:
+        value = entry.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"{name} is not a number"
+    return None
 
 
 def parsed_setting(param: Param, value: Any) -> Any:
@@ -265,7 +284,7 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
     evaluation = Evaluation(rows, plan, metrics, steps, baseline, targets, amp, seed, save_raw)
     if "grid" in metrics:
         check_grid(plan.grid)
-    writer = OutputWriter(Path(out), EVALUATION_NAME)
+    writer = OutputWriter(Path(out), EVALUATION_NAME, line_problem=score_problem)
     try:
         plan.check_weights_reachable()
         paths, input_failures = find_images(inputs, exclude=Path(out))

@@ -164,11 +164,15 @@ def run_on_ray(job: Job, workers: int = 1, cpus_per_worker: float = 1.0, gpus_pe
                     on_images(len(batches[index]))
     except KeyboardInterrupt:
         summary.interrupted = True
+        # the actors kept writing after the last result reached the driver: count what the manifests hold
+        new = job.writer.completed(job.request.key) - job.done
+        summary.outputs = len(new)
+        summary.images = len({key for key, _output in new}) + len(summary.failures)
     finally:
         job.writer.close()
     summary.seconds = time.perf_counter() - started
     if not summary.interrupted:
         compact_manifest(job.writer.out_dir)
-        job.writer.manifest_path = job.writer.main_manifest  # where the run's lines are now
+    job.writer.manifest_path = job.writer.main_manifest  # the driver's own part holds at most the failures
     return summary
 
