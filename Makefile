@@ -38,6 +38,7 @@ GALLERY_ARGS = --model $(MODEL) $(CHECKPOINT_ARG) --out $(GALLERY) --max-side 22
 # The README's evaluation tables and curves: `evaluate` over the bundled photos with both reference models
 # (DeiT-tiny and ViT-tiny; the tables are spliced in).
 EVALUATION_OUT ?= $(OUT)/examples-evaluation
+EVALUATION_METRICS ?= deletion,insertion,positive,negative,grid
 EVALUATION_METHODS ?= rollout,grad-rollout,flow,grad-attention,chefer,legrad,lrp,lrp[rule=cp-conservative],lrp[rule=attnlrp]
 SECOND_MODEL ?= vit_tiny_patch16_224
 SECOND_CHECKPOINT ?= $(wildcard ../shared/weights/$(SECOND_MODEL).pth)
@@ -65,8 +66,8 @@ gallery:
 	$(GALLERY_RUN) sweep examples/images/chelsea.png examples/images/rocket.jpg $(GALLERY_ARGS) --fusion max --ratios 0:0.95:12
 	rm -f $(GALLERY)/manifest.jsonl $(GALLERY)/.vitexplain.lock
 	rm -rf $(EVALUATION_OUT) $(EVALUATION_OUT)-$(SECOND_MODEL)
-	$(GALLERY_RUN) evaluate examples/images --model $(MODEL) $(CHECKPOINT_ARG) --out $(EVALUATION_OUT) --methods '$(EVALUATION_METHODS)'
-	$(GALLERY_RUN) evaluate examples/images --model $(SECOND_MODEL) $(SECOND_CHECKPOINT_ARG) --out $(EVALUATION_OUT)-$(SECOND_MODEL) --methods '$(EVALUATION_METHODS)'
+	$(GALLERY_RUN) evaluate examples/images --model $(MODEL) $(CHECKPOINT_ARG) --out $(EVALUATION_OUT) --methods '$(EVALUATION_METHODS)' --metrics $(EVALUATION_METRICS)
+	$(GALLERY_RUN) evaluate examples/images --model $(SECOND_MODEL) $(SECOND_CHECKPOINT_ARG) --out $(EVALUATION_OUT)-$(SECOND_MODEL) --methods '$(EVALUATION_METHODS)' --metrics $(EVALUATION_METRICS)
 	cp $(EVALUATION_OUT)/curves.png $(GALLERY)/evaluation-curves.png
 
 bench: install

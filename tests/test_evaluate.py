@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from conftest import DEIT_WEIGHTS, ROOT, invoke, needs_shared, said, write_image
 from test_capture import ARCHITECTURES, images_for
+from test_metrics import readings_reference
 from vitexplain import get_method, load_model
 from vitexplain.io.outputs import OutputWriter
 from vitexplain.io.preprocess import load_images
@@ -130,7 +131,7 @@ EVEN_GRIDS = [a for a in ARCHITECTURES if a[3][0] % 2 == 0 and a[3][1] % 2 == 0]
 
 
 @pytest.mark.parametrize("architecture", EVEN_GRIDS, ids=lambda a: f"{a[0]}{a[1] or ''}")
-def test_grid_shares_equal_the_loop_on_test_architectures(architecture):
+def test_grid_readings_equal_the_loop_on_test_architectures(architecture):
     name, kwargs, *_ = architecture
     plan = plan_model(name, pretrained=False, **kwargs)
     model = load_model(name, pretrained=False, **kwargs)
@@ -141,17 +142,24 @@ def test_grid_shares_equal_the_loop_on_test_architectures(architecture):
     targets = torch.randint(0, plan.num_classes, (3, 4), generator=torch.Generator().manual_seed(4))
     from vitexplain.metrics.pointing import compose_grids
 
-    shares = evaluator.grid_shares(compose_grids(pixels, layouts), targets)
-    assert set(shares) == {"grad-attention_mean_l1_fused", "legrad_l1", "random"}  # rollout: not applicable
+    readings = evaluator.grid_readings(compose_grids(pixels, layouts), targets)
+    assert set(readings) == {"grad-attention_mean_l1_fused", "legrad_l1", "random"}  # rollout: not applicable
+
+    def check(label, mask, g, tile):
+        share, hit, auroc = readings_reference(np.asarray(mask, dtype=np.float64), tile)
+        assert readings[label]["share"][g, tile].item() == pytest.approx(reference_share(mask, tile), rel=1e-4, abs=1e-6)
+        assert readings[label]["share"][g, tile].item() == pytest.approx(share, rel=1e-4, abs=1e-6)
+        assert readings[label]["hit"][g, tile].item() == hit
+        assert readings[label]["tile_auroc"][g, tile].item() == pytest.approx(auroc, abs=2e-3)  # float32 ties
+
     for g, layout in enumerate(layouts.tolist()):
         grid = reference_grid(pixels, layout)
         random_map = random_maps([content_key(grid)], plan.grid)[0]
         for tile in range(4):
             target = int(targets[g, tile])
             for label, (method, params) in [("grad-attention_mean_l1_fused", METHODS[1]), ("legrad_l1", METHODS[2])]:
-                mask = reference_map(model, method, params, grid, target)
-                assert shares[label][g, tile].item() == pytest.approx(reference_share(mask, tile), rel=1e-4, abs=1e-6)
-            assert shares["random"][g, tile].item() == pytest.approx(reference_share(random_map, tile), rel=1e-5)
+                check(label, reference_map(model, method, params, grid, target), g, tile)
+            check("random", random_map, g, tile)
 
 
 # ---- the real DeiT-tiny on the bundled photos, through the command line ----
@@ -185,6 +193,8 @@ def test_real_deit_evaluation_equals_the_loop(tmp_path):
             name = line["method"].split("_")[0]
             mask = reference_map(model, name, dict(METHODS)[name], grid, line["target"])
         assert line["share"] == pytest.approx(reference_share(mask, line["tile"]), rel=1e-4, abs=1e-6)
+        _, hit, auroc = readings_reference(np.asarray(mask, dtype=np.float64), line["tile"])
+        assert line["hit"] == hit and line["tile_auroc"] == pytest.approx(auroc, abs=2e-3)
     # the summary is the mean of the lines
     summary = json.loads((out / "summary.json").read_text())
     rows = {row["method"]: row for row in summary["methods"]}
@@ -200,7 +210,7 @@ def test_real_deit_evaluation_equals_the_loop(tmp_path):
     table = list(csv.reader((out / "summary.csv").open()))
     assert table[0] == ["method", "metric", "mean", "ci_low", "ci_high", "n"]
     assert ["rollout_mean_d0.5", "grid", "", "", "", ""] in table
-    assert len(table) == 1 + 4 * 3
+    assert len(table) == 1 + 4 * 5  # deletion, insertion, and the grid game's share, hit and AUROC
     picture = iio.imread(out / "curves.png")
     assert picture.shape == (400, 1040, 4) or picture.shape == (400, 1040, 3)
     assert "n/a" in said(result) and "random" in said(result)
@@ -255,6 +265,28 @@ def test_rerun_skips_what_is_done_and_redoes_what_a_stop_left(folder, tmp_path, 
     assert other.exit_code == 0 and "5 images evaluated now" in said(other)
 
 
+def test_chefer_protocol_lines_summarise_and_resume(folder, tmp_path, save_test_vit):
+    _, checkpoint = save_test_vit(num_classes=50)
+    out = tmp_path / "out"
+    args = ["--methods", "rollout,grad-rollout", "--metrics", "deletion,positive,negative"]
+    assert evaluate(folder, out, checkpoint, *args).exit_code == 0
+    lines = [line for line in read_lines(out) if "method" in line]
+    assert len(lines) == 5 * 3  # (rollout, grad-rollout, random) per image
+    for line in lines:
+        for metric in ("positive", "negative"):
+            curve = line["curves"][metric]
+            assert len(curve) == 10 and curve[0] == 1.0 and set(curve) <= {0.0, 1.0}  # unperturbed: the top-1
+            assert line[metric] == pytest.approx(100 * sum((a + b) / 2 * 0.1 for a, b in zip(curve, curve[1:])))
+    summary = json.loads((out / "summary.json").read_text())
+    for row in summary["methods"]:
+        mine = [line for line in lines if line["method"] == row["method"]]
+        for metric in ("deletion", "positive", "negative"):
+            assert row["metrics"][metric]["mean"] == pytest.approx(np.mean([line[metric] for line in mine]))
+    assert "| method | deletion AUC ↓ | positive AUC ↓ | negative AUC ↑ | n |" in (out / "summary.md").read_text()
+    again = evaluate(folder, out, checkpoint, *args)
+    assert again.exit_code == 0 and "5 already complete" in said(again)
+
+
 def test_bad_input_is_reported_recorded_and_skipped(folder, tmp_path, save_test_vit):
     _, checkpoint = save_test_vit(num_classes=50)
     (folder / "broken.png").write_bytes(b"not a png")
@@ -298,7 +330,7 @@ def test_grid_only_and_class_agnostic_rows(tmp_path, save_test_vit):
     lines = read_lines(out)
     assert all("deletion" not in line for line in lines)
     summary = {row["method"]: row["metrics"] for row in json.loads((out / "summary.json").read_text())["methods"]}
-    assert summary["rollout_mean_d0.9"] == {"grid": None}
+    assert summary["rollout_mean_d0.9"] == {"grid": None, "grid_hit": None, "grid_auroc": None}
     from vitexplain.metrics.pointing import image_groups
 
     predicted = [line["predicted"] for line in lines if "predicted" in line and "group" not in line]

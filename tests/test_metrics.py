@@ -199,3 +199,130 @@ def test_bootstrap_interval_of_a_constant_and_of_a_normal_sample():
     assert low == pytest.approx(values.mean() - half, abs=0.1 * half)
     assert high == pytest.approx(values.mean() + half, abs=0.1 * half)
     assert bootstrap_interval(values) == bootstrap_interval(values)  # seeded
+
+
+# ---- the grid game's rank-based readings ----
+
+def readings_reference(mask: np.ndarray, tile: int) -> tuple[float, float, float]:
+    """share, hit, AUROC of one map by loops over patches and pairs."""
+    gh, gw = mask.shape
+    tile_of = lambda r, c: (r >= gh // 2) * 2 + (c >= gw // 2)  # noqa: E731
+    cells = [(r, c) for r in range(gh) for c in range(gw)]
+    positive = sum(max(mask[r, c], 0) for r, c in cells)
+    share = sum(max(mask[r, c], 0) for r, c in cells if tile_of(r, c) == tile) / positive if positive > 0 else 0.0
+    best = max(range(len(cells)), key=lambda i: (mask[cells[i]], -i))  # the highest, ties to the lowest index
+    hit = float(tile_of(*cells[best]) == tile)
+    inside = [mask[r, c] for r, c in cells if tile_of(r, c) == tile]
+    outside = [mask[r, c] for r, c in cells if tile_of(r, c) != tile]
+    pairs = [1.0 if a > b else 0.5 if a == b else 0.0 for a in inside for b in outside]
+    return share, hit, sum(pairs) / len(pairs)
+
+
+def test_tile_readings_known_answers():
+    from vitexplain.metrics.pointing import tile_readings
+
+    indicator = torch.zeros(4, 6, 6)
+    indicator[:, 3:, :3] = 1  # tile 2, bottom left
+    maps = torch.stack([indicator[0], -indicator[0], torch.zeros(6, 6), indicator[0] * 0.5 + 0.1])
+    readings = tile_readings(maps, torch.tensor([2, 2, 2, 2]))
+    assert readings["share"].tolist()[:3] == [1.0, 0.0, 0.0]
+    assert readings["hit"].tolist()[:3] == [1.0, 0.0, 0.0]  # a constant map: the lowest index, tile 0
+    assert readings["tile_auroc"].tolist()[:3] == [1.0, 0.0, 0.5]
+    assert readings["hit"][3] == 1 and readings["tile_auroc"][3] == 1 and readings["share"][3] == pytest.approx(
+        9 * 0.6 / (9 * 0.6 + 27 * 0.1))
+
+
+def test_a_sharpened_map_keeps_hit_and_auroc_exactly_and_raises_share():
+    from vitexplain.metrics.pointing import tile_readings
+
+    generator = torch.Generator().manual_seed(3)
+    maps = torch.rand(32, 10, 10, generator=generator, dtype=torch.float64)
+    tiles = torch.randint(0, 4, (32,), generator=generator)
+    maps[torch.arange(32), tiles.div(2, rounding_mode="floor") * 5, (tiles % 2) * 5] += 0.3  # a bright patch in the tile
+    plain, squared = tile_readings(maps, tiles), tile_readings(maps ** 2, tiles)
+    assert torch.equal(plain["hit"], squared["hit"]) and torch.equal(plain["tile_auroc"], squared["tile_auroc"])
+    assert squared["share"].mean() > plain["share"].mean()
+
+
+def test_tile_readings_equal_loops_over_patches_and_pairs():
+    from vitexplain.metrics.pointing import tile_readings
+
+    generator = torch.Generator().manual_seed(4)
+    maps = torch.randint(-2, 4, (40, 6, 8), generator=generator).double()  # many ties and negatives
+    tiles = torch.randint(0, 4, (40,), generator=generator)
+    readings = tile_readings(maps, tiles)
+    for index in range(40):
+        share, hit, auroc = readings_reference(maps[index].numpy(), int(tiles[index]))
+        assert float(readings["share"][index]) == pytest.approx(share, abs=1e-6)
+        assert float(readings["hit"][index]) == hit
+        assert float(readings["tile_auroc"][index]) == pytest.approx(auroc, abs=1e-6)
+
+
+# ---- Chefer et al.'s positive / negative perturbation ----
+
+TRAPZ = getattr(np, "trapezoid", None) or np.trapz  # their code's np.trapz (renamed in numpy 2)
+
+def test_fraction_counts_are_int_p_times_f():
+    from vitexplain.metrics.perturbation import fraction_counts
+
+    assert fraction_counts(196) == [0, 19, 39, 58, 78, 98, 117, 137, 156, 176]
+    assert fraction_counts(16) == [0, 1, 3, 4, 6, 8, 9, 11, 12, 14]
+
+
+def chefer_curves(model, maps, negative: bool):
+    from vitexplain.metrics.perturbation import chefer_area, fraction_counts
+
+    count = maps.shape[0]
+    pixels = torch.ones(1, 3, 32, 32)
+    curves = perturbation_curves(model, pixels, baseline_inputs(pixels, "mean"), torch.zeros(count, dtype=torch.long),
+                                 -maps if negative else maps, torch.zeros(count, dtype=torch.long),
+                                 torch.zeros(count, dtype=torch.bool), 20, 3, counts=fraction_counts(16), top1=True)
+    return curves, chefer_area(curves)
+
+
+def test_chefer_known_answers_with_a_model_that_reads_one_patch():
+    patch = 6
+    model = OnePatch(patch)  # top-1 is class 0 while the patch is there, class 1 once it is removed
+    pointing = torch.zeros(4, 4)
+    pointing.view(-1)[patch] = 1.0
+    # positive: the patch goes first; removed from f = 0.1 on (int(16·0.1) = 1): accuracy 1, 0, 0, … → 100·0.1/2
+    curves, areas = chefer_curves(model, pointing[None], negative=False)
+    assert curves[0].tolist() == [1.0] + [0.0] * 9 and areas[0].item() == pytest.approx(5.0)
+    # negative: the patch goes last; int(16·0.9) = 14 < 16 patches are removed at most: always right → 100·0.9
+    curves, areas = chefer_curves(model, pointing[None], negative=True)
+    assert curves[0].tolist() == [1.0] * 10 and areas[0].item() == pytest.approx(90.0)
+    # a map pointing away from it: positive removes it last (never), negative first
+    _, areas = chefer_curves(model, 1 - pointing[None], negative=False)
+    assert areas[0].item() == pytest.approx(90.0)
+    _, areas = chefer_curves(model, 1 - pointing[None], negative=True)
+    assert areas[0].item() == pytest.approx(5.0)
+
+
+def test_chefer_curves_equal_a_loop_as_their_code_computes_it():
+    """Top and bottom int(P·f) patches by torch.topk of the map (or of its negation), top-1 compared with the
+    target, np.trapz over the fractions × 100."""
+    from vitexplain.metrics.perturbation import CHEFER_FRACTIONS, chefer_area, fraction_counts
+
+    generator = torch.Generator().manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 8, stride=8), nn.Flatten(), nn.Linear(4 * 16, 3)).eval()
+    pixels = torch.randn(3, 3, 32, 32, generator=generator)
+    images = torch.tensor([0, 1, 2, 0, 2, 1])
+    maps = torch.rand(6, 4, 4, generator=generator)
+    with torch.no_grad():
+        targets = model(pixels[images]).argmax(dim=-1)
+    for negative in (False, True):
+        curves = perturbation_curves(model, pixels, torch.zeros_like(pixels), images, -maps if negative else maps,
+                                     targets, torch.zeros(6, dtype=torch.bool), 20, 4, counts=fraction_counts(16),
+                                     top1=True)
+        for j in range(6):
+            accuracy = []
+            for fraction in CHEFER_FRACTIONS:
+                image = pixels[images[j]].clone()
+                vis = -maps[j].flatten() if negative else maps[j].flatten()
+                for p in torch.topk(vis, int(16 * fraction)).indices.tolist():  # no ties in rand maps
+                    r, c = divmod(p, 4)
+                    image[:, r * 8:(r + 1) * 8, c * 8:(c + 1) * 8] = 0
+                with torch.no_grad():
+                    accuracy.append(float(model(image[None]).argmax(dim=-1).item() == targets[j].item()))
+            assert curves[j].tolist() == accuracy
+            assert chefer_area(curves[j]).item() == pytest.approx(TRAPZ(accuracy, CHEFER_FRACTIONS) * 100, rel=1e-6)

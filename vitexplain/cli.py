@@ -215,7 +215,9 @@ EVALUATE_HELP = escape("""How faithful each method's maps are: deletion and inse
 
 Deletion / insertion (RISE): the map ranks the model's patches; over --steps steps its top patches are set to the baseline (deletion: the score should fall fast, lower AUC is better) or restored from it (insertion: higher is better). The score is the softmax probability of the target: each image's top-1, or --class.
 
-Grid pointing game (B-cos): 2×2 grids of four inputs with different predicted classes; each tile's class is explained, the score is the share of the map's mass in that tile (chance 0.25; class-specific methods only). A random map is always evaluated, as the baseline row.
+Positive / negative perturbation (Chefer et al., --metrics positive,negative): the map's top (positive) or bottom (negative) 0, 10, …, 90% of patches set to the baseline; the score is whether the top-1 class is still the target; AUC = np.trapz(accuracy, fractions) × 100 over the images (positive: lower is better; negative: higher).
+
+Grid pointing game (B-cos): 2×2 grids of four inputs with different predicted classes; each tile's class is explained and read three ways: share (of the map's mass in the tile; chance 0.25; sharpening a map raises it), hit (the map's highest patch in the tile; chance 0.25) and AUROC (a tile patch outranks an outside one; chance 0.5). Hit and AUROC depend only on the order of the patches. Class-specific methods only. A random map is always evaluated, as the baseline row.
 
 Per-method settings go in brackets: --methods 'rollout[fusion=max,discard-ratio=0.95],legrad[layers=1]'. A method option given as a flag (--discard-ratio 0.5) applies to every listed method that has it.
 
@@ -249,7 +251,7 @@ def evaluate_command(methods: dict[str, type[Explainer]]) -> Callable[..., None]
     parameters = [inspect.Parameter("inputs", inspect.Parameter.KEYWORD_ONLY, annotation=Inputs),
                   flag("methods", str, ",".join(methods), escape("Methods to evaluate, comma-separated; one method's "
                        "settings in brackets: 'rollout[fusion=max,discard-ratio=0.95],legrad'. Default: every method.")),
-                  flag("metrics", str, "deletion,insertion,grid", "Metrics, comma-separated: deletion, insertion, grid."),
+                  flag("metrics", str, "deletion,insertion,grid", "Metrics, comma-separated: deletion, insertion, grid, positive, negative (Chefer et al.'s perturbation AUC)."),
                   flag("steps", int, 20, "Deletion/insertion steps S: step k perturbs ⌊k·P/S⌋ of the P patches.", min=1),
                   flag("baseline", BaselineChoice, BaselineChoice.mean, "What perturbed patches become: mean (0 in the "
                        "normalised input: the mean colour) or blur (Gaussian, σ 5 px, 11×11 kernel)."),
@@ -410,7 +412,7 @@ def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
     """The method × metric table: mean (95% bootstrap interval) and the count: images / grid tiles."""
     from rich.table import Table
 
-    from .run.evaluation_summary import HEADINGS, MetricSummary, table_rows
+    from .run.evaluation_summary import HEADINGS, MetricSummary, columns, table_rows
 
     no_grids = "grid" in metrics and not any(isinstance(row.metrics.get("grid"), MetricSummary) for row in rows)
     caption = ("grid pointing game –: no four inputs with different predicted classes to tile (it needs at least "
@@ -418,7 +420,7 @@ def print_evaluation(rows, metrics: tuple[str, ...]) -> None:
     table = Table(title="faithfulness: mean (95% bootstrap interval)", title_justify="left", caption=caption,
                   caption_justify="left")
     table.add_column("method", no_wrap=True)
-    for metric in metrics:
+    for metric in columns(metrics):
         table.add_column(HEADINGS[metric], justify="right")
     table.add_column("n", justify="right")
     for label, *cells in table_rows(rows, metrics, lambda s: f"{s.mean:.3f} [dim]({s.low:.2f}–{s.high:.2f})[/]"):

@@ -88,7 +88,6 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
     :func:`.support.check_statistics`, which :func:`capture_attention` calls after the pass."""
     modules = attention_modules(model)
     recorded = Recorded()
-    saved = [getattr(m, "fused_attn", None) for m in modules]
 
     def keep(attention: Tensor) -> Tensor:
         return fuse_heads(attention.float(), fusion).unsqueeze(1) if fusion else attention
@@ -103,21 +102,32 @@ def explicit_attention(model: nn.Module, fusion: Fusion | None = None) -> Iterat
     hooks = [m.attn_drop.register_forward_hook(recorder(m)) for m in modules]
     native = [m for m in modules if has_native_kernel(m)]
     state = NativeState()
-    for module in modules:
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
     for module in native:
         module.forward = native_recording_forward(module, recorded, fusion, keep, state)
     try:
-        yield recorded
+        with explicit_path(modules):
+            yield recorded
     finally:
         for hook in hooks:
             hook.remove()
+        for module in native:
+            del module.forward
+
+
+@contextmanager
+def explicit_path(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Within the context, timm attention ``modules`` run their explicit path (``fused_attn = False``), where the
+    probabilities are a tensor that hooks on ``attn_drop`` see; restored after."""
+    saved = [getattr(m, "fused_attn", None) for m in modules]
+    for module in modules:
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    try:
+        yield
+    finally:
         for module, fused in zip(modules, saved):
             if fused is not None:
                 module.fused_attn = fused
-        for module in native:
-            del module.forward
 
 
 @contextmanager

@@ -32,6 +32,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from .record import explicit_path
+
 ATTENTION_RULES = ("constant", "uniform")
 
 
@@ -138,15 +140,9 @@ def relevance_rules(model: nn.Module, attention: str = "constant", identity_acti
         for hook in hooks:
             hook.remove()
         raise
-    saved = [getattr(m, "fused_attn", None) for m in attentions]
-    for module in attentions:
-        if hasattr(module, "fused_attn"):
-            module.fused_attn = False
     try:
-        yield
+        with explicit_path(attentions):
+            yield
     finally:
         for hook in hooks:
             hook.remove()
-        for module, fused in zip(attentions, saved):
-            if fused is not None:
-                module.fused_attn = fused

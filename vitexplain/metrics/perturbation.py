@@ -12,6 +12,13 @@ The score at each step is the softmax probability of the target class; the metri
 curve by the trapezoid rule over ``k/S ∈ [0, 1]``. Deletion: lower is better (the map found what the
 prediction rests on); insertion: higher is better.
 
+Chefer et al.'s perturbation protocol (CVPR 2021), as their code computes it: the map's top (**positive**) or
+bottom (**negative**) ``int(P·f)`` patches are set to the baseline for the fractions ``f = 0, 0.1, …, 0.9``
+(ties: the lower index first either way); the score is whether the model's top-1 class still equals the
+explained target (1 or 0); the metric is ``np.trapz(accuracy, fractions) × 100`` over the dataset, which is
+the mean over images of each image's own ``trapz × 100`` (the trapezoid rule is linear). Positive: lower is
+better; negative: higher is better.
+
 Baselines, in the normalised model input: ``mean`` is 0, i.e. the normalisation's mean colour; ``blur`` is
 the image blurred by a Gaussian of σ = 5 pixels on an 11 × 11 kernel (RISE's), each channel on its own, the
 border reflected.
@@ -25,7 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-METRICS = ("deletion", "insertion")
+METRICS = ("deletion", "insertion", "positive", "negative")
+CHEFER_METRICS = ("positive", "negative")
+CHEFER_FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # their perturbation_steps
 BASELINES = ("mean", "blur")
 BLUR_SIGMA, BLUR_SIZE = 5.0, 11
 
@@ -45,6 +54,11 @@ def step_counts(patches: int, steps: int) -> list[int]:
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     return [k * patches // steps for k in range(steps + 1)]
+
+
+def fraction_counts(patches: int) -> list[int]:
+    """How many patches Chefer et al.'s protocol removes at each fraction: ``int(P·f)``."""
+    return [int(patches * fraction) for fraction in CHEFER_FRACTIONS]
 
 
 def gaussian_blur(pixels: Tensor, sigma: float = BLUR_SIGMA, size: int = BLUR_SIZE) -> Tensor:
@@ -88,10 +102,14 @@ def perturbed_inputs(pixels: Tensor, baselines: Tensor, perturbed: Tensor, grid:
 
 def perturbation_curves(model: Callable[[Tensor], Tensor], pixels: Tensor, baselines: Tensor, images: Tensor,
                         maps: Tensor, targets: Tensor, insertion: Tensor, steps: int, batch_size: int,
-                        autocast: Callable[[], ContextManager] = nullcontext) -> Tensor:
+                        autocast: Callable[[], ContextManager] = nullcontext, counts: list[int] | None = None,
+                        top1: bool = False) -> Tensor:
     """Scores ``(n, S+1)`` of ``n`` deletion or insertion runs: run ``j`` perturbs image ``images[j]`` of
     ``pixels`` ``(m, C, H, W)`` (with its ``baselines``) in the order of ``maps[j]`` ``(gh, gw)``, scoring the
-    softmax probability of ``targets[j]``; ``insertion[j]`` says which of the two it is.
+    softmax probability of ``targets[j]``; ``insertion[j]`` says which of the two it is. ``counts`` replaces
+    the ``⌊k·P/S⌋`` patches of each step (``S + 1 = len(counts)``); with ``top1`` the score is whether the
+    top-1 class is ``targets[j]`` (Chefer et al.'s protocol: ``counts`` from :func:`fraction_counts`, the
+    map negated for the negative run).
 
     All ``n·(S+1)`` perturbed inputs go through ``model`` in chunks of ``batch_size``, built chunk by chunk
     (never all at once), under ``autocast()``, without gradients.
@@ -99,7 +117,8 @@ def perturbation_curves(model: Callable[[Tensor], Tensor], pixels: Tensor, basel
     count = maps.shape[0]
     grid = tuple(maps.shape[-2:])
     ranks = patch_ranks(maps)
-    counts = torch.tensor(step_counts(ranks.shape[1], steps), device=pixels.device)
+    counts = torch.tensor(step_counts(ranks.shape[1], steps) if counts is None else counts, device=pixels.device)
+    steps = len(counts) - 1
     device = pixels.device
     images, targets, insertion = images.to(device), targets.to(device), insertion.to(device)
     scores = torch.empty(count * (steps + 1), dtype=torch.float32, device=device)
@@ -113,11 +132,20 @@ def perturbation_curves(model: Callable[[Tensor], Tensor], pixels: Tensor, basel
             inputs = perturbed_inputs(pixels[source], baselines[source], from_baseline, grid)
             with autocast():
                 logits = model(inputs)
-            probabilities = logits.float().softmax(dim=-1)
-            scores[rows] = probabilities.gather(1, targets[run].view(-1, 1)).squeeze(1)
+            if top1:
+                scores[rows] = (logits.argmax(dim=-1) == targets[run]).float()
+            else:
+                probabilities = logits.float().softmax(dim=-1)
+                scores[rows] = probabilities.gather(1, targets[run].view(-1, 1)).squeeze(1)
     return scores.view(count, steps + 1)
 
 
 def area_under_curve(curves: Tensor) -> Tensor:
     """AUC of curves ``(…, S+1)`` sampled at ``k/S``, by the trapezoid rule over [0, 1]."""
     return torch.trapezoid(curves, dx=1.0 / (curves.shape[-1] - 1), dim=-1)
+
+
+def chefer_area(curves: Tensor) -> Tensor:
+    """``np.trapz(accuracy, CHEFER_FRACTIONS) × 100`` of curves ``(…, 10)``."""
+    fractions = torch.tensor(CHEFER_FRACTIONS, dtype=curves.dtype, device=curves.device)
+    return torch.trapezoid(curves, x=fractions, dim=-1) * 100

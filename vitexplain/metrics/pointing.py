@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 TILES = 4
+GRID_READINGS = ("share", "hit", "tile_auroc")
 
 
 def image_groups(classes: Sequence[int]) -> list[tuple[int, ...]]:
@@ -62,3 +63,25 @@ def tile_shares(masks: Tensor) -> Tensor:
     mass = masks.clamp_min(0).reshape(count, 2, gh // 2, 2, gw // 2).sum(dim=(2, 4)).reshape(count, TILES)
     total = mass.sum(dim=1, keepdim=True)
     return torch.where(total > 0, mass / total.clamp_min(torch.finfo(mass.dtype).tiny), torch.zeros_like(mass))
+
+
+def tile_blocks(masks: Tensor) -> Tensor:
+    """``(n, 4, Q)``: each map's ``(n, gh, gw)`` patch values tile by tile (row-major tiles, ``Q = gh·gw/4``)."""
+    count, gh, gw = masks.shape
+    return masks.reshape(count, 2, gh // 2, 2, gw // 2).permute(0, 1, 3, 2, 4).reshape(count, TILES, -1)
+
+
+def tile_readings(masks: Tensor, tiles: Tensor) -> dict[str, Tensor]:
+    """``share``, ``hit`` and ``tile_auroc`` ``(n,)`` of maps ``(n, gh, gw)`` for their target tiles ``(n,)``
+    (see the module's docstring); float32."""
+    count, gh, gw = masks.shape
+    tiles = tiles.to(masks.device)
+    rows = torch.arange(count, device=masks.device)
+    share = tile_shares(masks)[rows, tiles]
+    peak = masks.reshape(count, -1).argmax(dim=1)  # the first of equal maxima: the lowest index
+    peak_tile = (peak // gw >= gh // 2).long() * 2 + (peak % gw >= gw // 2).long()
+    blocks = tile_blocks(masks.float())
+    inside = blocks[rows, tiles]  # (n, Q)
+    others = blocks[torch.arange(TILES, device=masks.device) != tiles.unsqueeze(1)].view(count, -1)  # (n, 3Q)
+    above = (inside.unsqueeze(2) > others.unsqueeze(1)).float() + 0.5 * (inside.unsqueeze(2) == others.unsqueeze(1)).float()
+    return {"share": share.float(), "hit": (peak_tile == tiles).float(), "tile_auroc": above.mean(dim=(1, 2))}

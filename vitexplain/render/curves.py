@@ -1,10 +1,12 @@
-"""The deletion and insertion curves of an evaluation as one picture (matplotlib, headless)."""
+"""The perturbation curves of an evaluation as one picture (matplotlib, headless)."""
 from __future__ import annotations
 
 from typing import BinaryIO, Mapping, Sequence
 
-CURVE_METRICS = ("deletion", "insertion")
-TITLES = {"deletion": "Deletion (lower is better)", "insertion": "Insertion (higher is better)"}
+CURVE_METRICS = ("deletion", "insertion", "positive", "negative")
+TITLES = {"deletion": "Deletion (lower is better)", "insertion": "Insertion (higher is better)",
+          "positive": "Positive perturbation (lower is better)", "negative": "Negative perturbation (higher is better)"}
+FRACTION_STEP = {"positive": 0.1, "negative": 0.1}  # Chefer et al.'s fractions 0, 0.1, …, 0.9; the others span 0…1
 
 
 def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], file: BinaryIO, title: str = "") -> None:
@@ -15,7 +17,7 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], file: Binar
 
     metrics = [m for m in CURVE_METRICS if any(m in c for c in curves.values())]
     if not metrics:
-        raise ValueError("no deletion or insertion curves to plot")
+        raise ValueError("no perturbation curves to plot")
     figure = Figure(figsize=(5.2 * len(metrics), 4.0), dpi=100, layout="constrained")
     axes = figure.subplots(1, len(metrics), squeeze=False)[0]
     for axis, metric in zip(axes, metrics):
@@ -23,12 +25,12 @@ def plot_curves(curves: Mapping[str, Mapping[str, Sequence[float]]], file: Binar
             points = by_metric.get(metric)
             if points is None:
                 continue
-            steps = len(points) - 1
+            step = FRACTION_STEP.get(metric, 1 / (len(points) - 1))
             style = {"color": "0.5", "linestyle": "--"} if label == "random" else {}
-            axis.plot([k / steps for k in range(steps + 1)], points, label=label, linewidth=1.6, **style)
+            axis.plot([k * step for k in range(len(points))], points, label=label, linewidth=1.6, **style)
         axis.set_title(TITLES[metric])
-        axis.set_xlabel("fraction of patches " + ("removed" if metric == "deletion" else "inserted"))
-        axis.set_ylabel("probability of the target class")
+        axis.set_xlabel("fraction of patches " + ("inserted" if metric == "insertion" else "removed"))
+        axis.set_ylabel("top-1 is the target" if metric in FRACTION_STEP else "probability of the target class")
         axis.set_xlim(0, 1)
         axis.set_ylim(bottom=0)
         axis.grid(alpha=0.3)

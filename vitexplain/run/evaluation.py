@@ -38,8 +38,9 @@ from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
 from ..methods.base import Param
 from ..methods.registry import get_method
 from ..metrics.baselines import content_key, random_maps
-from ..metrics.perturbation import BASELINES, METRICS, area_under_curve, baseline_inputs, patch_size, perturbation_curves
-from ..metrics.pointing import TILES, arrangements, check_grid, compose_grids, image_groups, tile_shares
+from ..metrics.perturbation import (BASELINES, CHEFER_METRICS, METRICS, area_under_curve, baseline_inputs, chefer_area,
+                                   fraction_counts, patch_size, perturbation_curves)
+from ..metrics.pointing import GRID_READINGS, TILES, arrangements, check_grid, compose_grids, image_groups, tile_readings
 from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, class_synonyms_for, plan_model, resolve_class
 from .interrupts import StopRequests
 from .loader import make_loader
@@ -49,6 +50,7 @@ from .runtime import amp_dtype, loader_workers, resolve_device
 
 EVALUATION_NAME = "evaluation.jsonl"
 ALL_METRICS = (*METRICS, "grid")
+DEFAULT_METRICS = ("deletion", "insertion", "grid")
 RANDOM = "random"
 METHOD_SPEC = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\[(.*)\])?\s*")
 
@@ -99,7 +101,8 @@ def score_problem(entry: dict[str, Any]) -> str | None:
     if entry.get("status") != "ok":
         return None
     kind = entry["request"].get("kind")
-    fields = entry["request"].get("metrics") if kind == "perturbation" else ["share"] if kind == "grid" else []
+    fields = entry["request"].get("metrics") if kind == "perturbation" else \
+        entry["request"].get("readings", ["share"]) if kind == "grid" else []
     for name in fields if isinstance(fields, list) else ["metrics"]:
         value = entry.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -148,7 +151,7 @@ class Evaluation:
 
     rows: tuple[Row, ...]
     plan: ModelPlan
-    metrics: tuple[str, ...] = ALL_METRICS
+    metrics: tuple[str, ...] = DEFAULT_METRICS
     steps: int = 20
     baseline: str = "mean"
     classes: tuple[int, ...] | None = None  # None: each image's top-1
@@ -188,8 +191,8 @@ class Evaluation:
                 "perturbation", {**self.common(), "label": row.label, **row.identity(self.seed),
                                  "metrics": list(self.perturbations), "steps": self.steps, "baseline": self.baseline,
                                  "classes": list(self.classes or []) or None, "save_raw": self.save_raw}, self.shown())
-            records["grid", row.label] = keyed("grid", {**self.common(), "label": row.label,
-                                                        **row.identity(self.seed)}, self.shown())
+            records["grid", row.label] = keyed("grid", {**self.common(), "label": row.label, **row.identity(self.seed),
+                                                        "readings": list(GRID_READINGS)}, self.shown())
         return records
 
     @property
@@ -253,7 +256,7 @@ class EvaluationJob:
 
 
 def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: Sequence[tuple[str, dict[str, Any]]],
-                       metrics: Sequence[str] = ALL_METRICS, steps: int = 20, baseline: str = "mean",
+                       metrics: Sequence[str] = DEFAULT_METRICS, steps: int = 20, baseline: str = "mean",
                        model: str = DEFAULT_MODEL, checkpoint: str | Path | None = None,
                        classes: Sequence[str | int] | None = None, amp: bool = False, device: str = "auto",
                        overwrite: bool = False, seed: int = 0, save_raw: bool = False,
@@ -468,18 +471,28 @@ class BatchEvaluator:
                         runs += [(index, row, column, metric) for metric in evaluation.perturbations]
         if not runs:
             return
-        patch_size(pixels, tuple(maps[RANDOM].shape[-2:]))  # the grid divides the input, before any work
-        images = torch.tensor([run[0] for run in runs], device=self.device)
-        columns = torch.tensor([run[2] for run in runs], device=self.device)
-        run_maps = torch.stack([maps[run[1].label][run[0], run[2]] for run in runs])
-        curves = perturbation_curves(
-            self.model, pixels, baseline_inputs(pixels, evaluation.baseline), images, run_maps,
-            targets[images, columns], torch.tensor([run[3] == "insertion" for run in runs], device=self.device),
-            evaluation.steps, self.batch_size, self.autocast)
-        areas = area_under_curve(curves).tolist()
-        curves_list = curves.tolist()
+        grid = tuple(maps[RANDOM].shape[-2:])
+        patch_size(pixels, grid)  # the grid divides the input, before any work
+        baselines = baseline_inputs(pixels, evaluation.baseline)
+        measured = []  # (run, area, curve)
+        for protocol in (("deletion", "insertion"), CHEFER_METRICS):  # each protocol in one stream
+            chosen = [run for run in runs if run[3] in protocol]
+            if not chosen:
+                continue
+            images = torch.tensor([run[0] for run in chosen], device=self.device)
+            columns = torch.tensor([run[2] for run in chosen], device=self.device)
+            run_maps = torch.stack([maps[run[1].label][run[0], run[2]] * (-1 if run[3] == "negative" else 1)
+                                    for run in chosen])
+            chefer = protocol == CHEFER_METRICS
+            curves = perturbation_curves(
+                self.model, pixels, baselines, images, run_maps, targets[images, columns],
+                torch.tensor([run[3] == "insertion" for run in chosen], device=self.device), evaluation.steps,
+                self.batch_size, self.autocast, counts=fraction_counts(grid[0] * grid[1]) if chefer else None,
+                top1=chefer)
+            areas = chefer_area(curves) if chefer else area_under_curve(curves)
+            measured += zip(chosen, areas.tolist(), curves.tolist())
         results: dict[tuple[int, str, int], dict] = {}
-        for run, area, curve in zip(runs, areas, curves_list):
+        for run, area, curve in measured:
             entry = results.setdefault((run[0], run[1].label, run[2]), {"curves": {}})
             entry[run[3]] = area
             entry["curves"][run[3]] = curve
@@ -497,12 +510,17 @@ class BatchEvaluator:
                 entry = writer.write(name, {"raw": (".npy", encoded_array(mask))}, {**entry, "name": name})
             lines[index].append(entry)
 
-    def grid_shares(self, grids: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``(G, 4)`` share of each tile's map in its own tile, per grid row, for grids ``(G, 3, H, W)`` whose
-        tiles show the classes ``targets`` ``(G, 4)``."""
+    def grid_readings(self, grids: torch.Tensor, targets: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
+        """Per grid row, each reading of :func:`~vitexplain.metrics.pointing.tile_readings` ``(G, 4)`` of each
+        tile's map for its own tile, for grids ``(G, 3, H, W)`` whose tiles show the classes ``targets`` ``(G, 4)``."""
         maps = self.maps(grids.to(self.device), targets.to(self.device), self.evaluation.grid_rows)
-        return {label: torch.stack([tile_shares(row_maps[:, tile])[:, tile] for tile in range(TILES)], dim=1)
-                for label, row_maps in maps.items()}
+        readings = {}
+        for label, row_maps in maps.items():  # (G, 4 targets, gh, gw)
+            count = row_maps.shape[0]
+            tiles = torch.arange(TILES, device=row_maps.device).repeat(count)
+            flat = tile_readings(row_maps.flatten(0, 1), tiles)
+            readings[label] = {name: values.view(count, TILES) for name, values in flat.items()}
+        return readings
 
 
 def predictions(job: EvaluationJob, entries: list[dict]) -> list[tuple[Path, int]]:
@@ -565,19 +583,19 @@ def evaluate_grids(job: EvaluationJob, evaluator: BatchEvaluator, recorder: Reco
         layouts = [arrangements(group)[shift] for group, shift in chunk]
         tiles = torch.tensor([[position[path] for path in layout] for layout in layouts])
         targets = torch.tensor([[predicted[path] for path in layout] for layout in layouts])
-        shares = evaluator.grid_shares(compose_grids(batch.pixels, tiles), targets)
+        readings = evaluator.grid_readings(compose_grids(batch.pixels, tiles), targets)
         lines = []
         for row in evaluation.grid_rows:
             record = evaluation.grid_record(row)
-            values = shares[row.label].tolist()
+            values = {name: tensor.tolist() for name, tensor in readings[row.label].items()}
             for index, ((group, shift), layout) in enumerate(zip(chunk, layouts)):
                 for tile, path in enumerate(layout):
                     target = int(targets[index, tile])
                     lines.append({"input": input_key(path), "status": "ok", "name": "", "output": shift,
                                   "method": row.label, "group": [input_key(p) for p in group],
                                   "arrangement": shift, "tile": tile, "target": target,
-                                  "target_name": evaluator.class_names[target], "share": values[index][tile],
-                                  "request": record})
+                                  "target_name": evaluator.class_names[target],
+                                  **{name: values[name][index][tile] for name in GRID_READINGS}, "request": record})
         recorder(lines)
         summary.grids += len(chunk)
         on_grids(min(start + evaluator.batch_size, len(work)), len(work))

@@ -22,7 +22,14 @@ from ..render.curves import plot_curves
 from .evaluation import EvaluationJob, grid_work
 
 SUMMARY_JSON, SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.json", "summary.csv", "summary.md", "curves.png"
-HEADINGS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "grid": "grid pointing game ↑"}
+HEADINGS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "positive": "positive AUC ↓",
+            "negative": "negative AUC ↑", "grid": "grid share ↑", "grid_hit": "grid hit ↑", "grid_auroc": "grid AUROC ↑"}
+GRID_COLUMNS = {"grid": "share", "grid_hit": "hit", "grid_auroc": "tile_auroc"}  # the table's column: the line's field
+
+
+def columns(metrics: tuple[str, ...]) -> tuple[str, ...]:
+    """The summary's columns for the evaluated ``metrics``: the grid game gives three (share, hit, AUROC)."""
+    return tuple(column for metric in metrics for column in (GRID_COLUMNS if metric == "grid" else (metric,)))
 
 
 @dataclass(frozen=True)
@@ -78,12 +85,12 @@ def summarize(job: EvaluationJob) -> list[RowSummary]:
                 summary.metrics[metric] = MetricSummary.of(values)
                 summary.curves[metric] = mean_curve([line["curves"][metric] for line in lines if metric in line.get("curves", {})])
         if "grid" in evaluation.metrics:
-            if row in evaluation.grid_rows:
-                shares = [line["share"] for line in by_key.get(evaluation.grid_record(row)["key"], [])]
-                if shares:
-                    summary.metrics["grid"] = MetricSummary.of(shares)
-            else:
-                summary.metrics["grid"] = None
+            grid_lines = by_key.get(evaluation.grid_record(row)["key"], [])
+            for column, name in GRID_COLUMNS.items():
+                if row not in evaluation.grid_rows:
+                    summary.metrics[column] = None
+                elif grid_lines:
+                    summary.metrics[column] = MetricSummary.of([float(line[name]) for line in grid_lines])
         summaries.append(summary)
     return summaries
 
@@ -107,7 +114,7 @@ def table_rows(rows: list[RowSummary], metrics: tuple[str, ...], cell: Callable[
     table = []
     for row in rows:
         cells, counts = [], {}
-        for metric in metrics:
+        for metric in columns(metrics):
             summary = row.metrics.get(metric, "missing")
             if summary is None:
                 cells.append("n/a")
@@ -115,15 +122,15 @@ def table_rows(rows: list[RowSummary], metrics: tuple[str, ...], cell: Callable[
                 cells.append("–")
             else:
                 cells.append(cell(summary))
-                counts["grid" if metric == "grid" else "images"] = summary.count
+                counts["grid" if metric in GRID_COLUMNS else "images"] = summary.count
         table.append([row.label, *cells, "/".join(str(counts[k]) for k in ("images", "grid") if k in counts)])
     return table
 
 
 def markdown_table(rows: list[RowSummary], metrics: tuple[str, ...]) -> str:
     """The method × metric table in Markdown: mean (95% bootstrap interval), see :func:`table_rows`."""
-    lines = ["| method | " + " | ".join(HEADINGS[m] for m in metrics) + " | n |",
-             "|---|" + "---:|" * (len(metrics) + 1)]
+    lines = ["| method | " + " | ".join(HEADINGS[m] for m in columns(metrics)) + " | n |",
+             "|---|" + "---:|" * (len(columns(metrics)) + 1)]
     for cells in table_rows(rows, metrics, lambda s: f"{s.mean:.3f} ({s.low:.2f}–{s.high:.2f})"):
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
