@@ -251,7 +251,9 @@ def evaluate_command(methods: dict[str, type[Explainer]]) -> Callable[..., None]
     parameters = [inspect.Parameter("inputs", inspect.Parameter.KEYWORD_ONLY, annotation=Inputs),
                   flag("methods", str, ",".join(methods), escape("Methods to evaluate, comma-separated; one method's "
                        "settings in brackets: 'rollout[fusion=max,discard-ratio=0.95],legrad'. Default: every method.")),
-                  flag("metrics", str, "deletion,insertion,grid", "Metrics, comma-separated: deletion, insertion, grid, positive, negative (Chefer et al.'s perturbation AUC)."),
+                  flag("metrics", str, "deletion,insertion,grid", "Metrics, comma-separated: deletion, insertion, grid, positive, negative (Chefer et al.'s perturbation AUC); with --boxes/--masks: pointing, energy, segmentation."),
+                  flag("boxes", Optional[Path], None, "Ground-truth boxes: a folder of Pascal VOC .xml files named after the images (ImageNet's validation boxes), or one COCO-style .json. Labels: class index, name or ImageNet synset id. Adds the pointing and energy metrics.", show_default=False),
+                  flag("masks", Optional[Path], None, "Ground-truth object masks: a folder of {stem}.png, non-zero = object. Adds pointing, energy and segmentation (pixel accuracy, mIoU, AP).", show_default=False),
                   flag("steps", int, 20, "Deletion/insertion steps S: step k perturbs ⌊k·P/S⌋ of the P patches.", min=1),
                   flag("baseline", BaselineChoice, BaselineChoice.mean, "What perturbed patches become: mean (0 in the "
                        "normalised input: the mean colour) or blur (Gaussian, σ 5 px, 11×11 kernel)."),
@@ -365,7 +367,7 @@ def run_evaluation(options: dict, shared: dict) -> None:
                 options["inputs"], options["out"], ev.parse_methods(options["methods"]), metrics, options["steps"],
                 value(options["baseline"]), options["model"], options["checkpoint"], options.get("classes"),
                 options["amp"], value(options["device"]), options["overwrite"], options["seed"], options["save_raw"],
-                shared, param_label=lambda p: p.flag)
+                shared, param_label=lambda p: p.flag, boxes=options["boxes"], masks=options["masks"])
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
         print_header(ready.evaluation.describe(), ready.writer.warnings, ready.input_failures)
@@ -385,6 +387,11 @@ def run_evaluation(options: dict, shared: dict) -> None:
         console.print("[bold yellow]interrupted[/] before any image was evaluated; nothing was written.")
         raise typer.Exit(130) from None
     rows = summarize(ready)
+    for note in summary.notes:
+        console.print(f"[yellow]annotation:[/] {literal(note)}", highlight=False, soft_wrap=True)
+    if summary.notes:
+        console.print(f"{plural(len(summary.notes), 'annotation problem')}: those maps are counted apart (no "
+                      "ground-truth score)", highlight=False)
     print_evaluation(rows, ready.evaluation.metrics)
     try:
         written = write_summary(ready, rows)

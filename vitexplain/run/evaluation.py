@@ -40,6 +40,8 @@ from ..methods.registry import get_method
 from ..metrics.baselines import content_key, random_maps
 from ..metrics.perturbation import (BASELINES, CHEFER_METRICS, METRICS, area_under_curve, baseline_inputs, chefer_area,
                                    fraction_counts, patch_size, perturbation_curves)
+from ..io.annotations import AnnotationProblem, GroundTruth, box_region
+from ..metrics.ground_truth import GROUND_TRUTH_METRICS, SEGMENTATION_FIELDS, energy, pointing_hit, segmentation_scores, upsample
 from ..metrics.pointing import GRID_READINGS, TILES, arrangements, check_grid, compose_grids, image_groups, tile_readings
 from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, class_synonyms_for, plan_model, resolve_class
 from .interrupts import StopRequests
@@ -49,7 +51,7 @@ from .request import Request
 from .runtime import amp_dtype, loader_workers, resolve_device
 
 EVALUATION_NAME = "evaluation.jsonl"
-ALL_METRICS = (*METRICS, "grid")
+ALL_METRICS = (*METRICS, "grid", *GROUND_TRUTH_METRICS)
 DEFAULT_METRICS = ("deletion", "insertion", "grid")
 RANDOM = "random"
 METHOD_SPEC = re.compile(r"\s*([a-z][a-z0-9-]*)\s*(?:\[(.*)\])?\s*")
@@ -103,6 +105,10 @@ def score_problem(entry: dict[str, Any]) -> str | None:
     kind = entry["request"].get("kind")
     fields = entry["request"].get("metrics") if kind == "perturbation" else \
         entry["request"].get("readings", ["share"]) if kind == "grid" else []
+    for name in entry["request"].get("ground_truth", []) if kind == "perturbation" else []:  # None: no annotation
+        value = entry.get(name, "missing")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
+            return f"{name} is not a number"
     for name in fields if isinstance(fields, list) else ["metrics"]:
         value = entry.get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -158,10 +164,22 @@ class Evaluation:
     amp: bool = False
     seed: int = 0
     save_raw: bool = False
+    ground_truth: GroundTruth | None = field(default=None, compare=False)
 
     @property
     def perturbations(self) -> tuple[str, ...]:
         return tuple(m for m in self.metrics if m in METRICS)
+
+    @property
+    def ground_truth_fields(self) -> tuple[str, ...]:
+        """The per-image fields of the ground-truth metrics: ``pointing``, ``energy``, and the segmentation's."""
+        return tuple(f for m in self.metrics if m in GROUND_TRUTH_METRICS
+                     for f in (SEGMENTATION_FIELDS if m == "segmentation" else (m,)))
+
+    @property
+    def per_image(self) -> bool:
+        """Whether there are lines per input × method × target (perturbation or ground-truth metrics)."""
+        return bool(self.perturbations or self.ground_truth_fields)
 
     @property
     def targets_per_image(self) -> int:
@@ -190,6 +208,8 @@ class Evaluation:
             records["perturbation", row.label] = keyed(
                 "perturbation", {**self.common(), "label": row.label, **row.identity(self.seed),
                                  "metrics": list(self.perturbations), "steps": self.steps, "baseline": self.baseline,
+                                 **({"ground_truth": list(self.ground_truth_fields), **self.ground_truth.identity()}
+                                    if self.ground_truth_fields else {}),
                                  "classes": list(self.classes or []) or None, "save_raw": self.save_raw}, self.shown())
             records["grid", row.label] = keyed("grid", {**self.common(), "label": row.label, **row.identity(self.seed),
                                                         "readings": list(GRID_READINGS)}, self.shown())
@@ -261,11 +281,22 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
                        classes: Sequence[str | int] | None = None, amp: bool = False, device: str = "auto",
                        overwrite: bool = False, seed: int = 0, save_raw: bool = False,
                        shared: dict[str, Any] | None = None, pretrained: bool = True,
-                       param_label: Callable[[Param], str] = lambda p: p.name) -> EvaluationJob:
+                       param_label: Callable[[Param], str] = lambda p: p.name, boxes: str | Path | None = None,
+                       masks: str | Path | None = None) -> EvaluationJob:
     """Check the whole evaluation and find the work; usage errors raise (``ValueError``,
     :class:`~vitexplain.models.ModelChoiceError`, :class:`~vitexplain.io.outputs.OutputError`) before any
-    weights are loaded. ``methods`` are ``(name, settings)`` pairs (see :func:`parse_methods`)."""
+    weights are loaded. ``methods`` are ``(name, settings)`` pairs (see :func:`parse_methods`). With ``boxes`` or
+    ``masks`` (:class:`~vitexplain.io.annotations.GroundTruth`) and no ground-truth metric asked for, ``pointing``
+    and ``energy`` (and ``segmentation`` with masks) are added."""
     metrics = tuple(dict.fromkeys(metrics))
+    ground_truth = GroundTruth(boxes, masks) if boxes is not None or masks is not None else None
+    asked = [m for m in metrics if m in GROUND_TRUTH_METRICS]
+    if ground_truth is not None and not asked:
+        metrics += ("pointing", "energy") + (("segmentation",) if masks is not None else ())
+    elif asked and ground_truth is None:
+        raise ValueError(f"--metrics {asked[0]} needs ground truth: --boxes or --masks")
+    if "segmentation" in metrics and masks is None:
+        raise ValueError("--metrics segmentation needs object masks: --masks DIR")
     for metric in metrics:
         if metric not in ALL_METRICS:
             raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(ALL_METRICS)}")
@@ -284,7 +315,7 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
     synonyms = class_synonyms_for(plan.num_classes)
     targets = tuple(resolve_class(c, synonyms) for c in classes) if classes else None
     rows = evaluation_rows(methods, plan, dict(shared or {}), amp, param_label)
-    evaluation = Evaluation(rows, plan, metrics, steps, baseline, targets, amp, seed, save_raw)
+    evaluation = Evaluation(rows, plan, metrics, steps, baseline, targets, amp, seed, save_raw, ground_truth)
     if "grid" in metrics:
         check_grid(plan.grid)
     writer = OutputWriter(Path(out), EVALUATION_NAME, line_problem=score_problem)
@@ -304,7 +335,7 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
 
 def record_keys(evaluation: Evaluation) -> list[str]:
     keys = [evaluation.prediction_record()["key"]]
-    if evaluation.perturbations:
+    if evaluation.per_image:
         keys += [evaluation.perturbation_record(row)["key"] for row in evaluation.rows]
     if "grid" in evaluation.metrics:
         keys += [evaluation.grid_record(row)["key"] for row in evaluation.grid_rows]
@@ -315,7 +346,7 @@ def missing_lines(evaluation: Evaluation, done: dict[str, set[tuple[str, int]]],
     """Whether input ``key`` lacks its prediction line or a method × target line."""
     if (key, 0) not in done.get(evaluation.prediction_record()["key"], ()):
         return True
-    if not evaluation.perturbations:
+    if not evaluation.per_image:
         return False
     return any((key, t) not in done.get(evaluation.perturbation_record(row)["key"], ())
                for row in evaluation.rows for t in range(evaluation.targets_per_image))
@@ -324,6 +355,7 @@ def missing_lines(evaluation: Evaluation, done: dict[str, set[tuple[str, int]]],
 @dataclass
 class EvaluationRun(RunSummary):
     grids: int = 0  # grid arrangements evaluated now
+    notes: list[str] = field(default_factory=list)  # problems with the ground-truth annotations, one line each
 
 
 def execute_evaluation(job: EvaluationJob, batch_size: int = 8, num_workers: int | None = None,
@@ -359,6 +391,7 @@ def execute_evaluation(job: EvaluationJob, batch_size: int = 8, num_workers: int
             except OutputStop as error:
                 summary.stopped = str(error)
         summary.outputs = len(summary.records)
+        summary.notes = evaluator.notes
         return summary
     finally:
         writer.close()
@@ -376,7 +409,8 @@ def evaluate_inputs(job: EvaluationJob, evaluator: BatchEvaluator, workers: int,
             stop.raise_if_requested()
             recorder(failure_entry(input_key(f.path), f.reason, record) for f in batch.failures)
             if batch.paths:
-                recorder(evaluator.image_lines(batch.pixels, batch.paths, job.done, job.writer))
+                recorder(evaluator.image_lines(batch.pixels, batch.paths, job.done, job.writer,
+                                               [shape[:2] for shape in batch.packed_originals.shapes]))
             summary.images += len(batch.paths) + len(batch.failures)
             on_images(len(batch.paths) + len(batch.failures))
     except RuntimeError as error:
@@ -395,6 +429,8 @@ class BatchEvaluator:
         self.explainers = {row.label: row.request.explainer(model, device) for row in evaluation.rows if row.request}
         self.class_names = class_names_for(evaluation.plan.num_classes)
         self.dtype = amp_dtype(device) if evaluation.amp else None
+        self.labels: dict[str, int | None] = {}  # annotation labels resolved to class indices
+        self.notes: list[str] = []  # problems with the annotations, one line each
 
     def autocast(self) -> ContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else nullcontext()
@@ -426,9 +462,10 @@ class BatchEvaluator:
         return maps
 
     def image_lines(self, pixels: torch.Tensor, paths: Sequence[Path], done: dict[str, set[tuple[str, int]]],
-                    writer: OutputWriter) -> list[dict]:
+                    writer: OutputWriter, sizes: Sequence[tuple[int, int]] = ()) -> list[dict]:
         """Phase 1 for one batch: the lines of every method × target × image not in ``done``, each image's
-        prediction line after them (or a failure line if its output is not finite)."""
+        prediction line after them (or a failure line if its output is not finite). ``sizes``: each image's own
+        ``(H, W)``, where the ground-truth metrics read the maps."""
         evaluation = self.evaluation
         pixels = pixels.to(self.device)
         keys = [input_key(path) for path in paths]
@@ -440,11 +477,12 @@ class BatchEvaluator:
             targets = probabilities.argmax(dim=-1, keepdim=True)
         finite = torch.isfinite(probabilities).all(dim=1)
         lines: list[list[dict]] = [[] for _ in paths]
-        if evaluation.perturbations:
+        if evaluation.per_image:
             maps = self.maps(pixels, targets, evaluation.rows)
             for row_maps in maps.values():
                 finite &= torch.isfinite(row_maps).flatten(1).all(dim=1)
-            self.perturbation_lines(pixels, paths, keys, probabilities, targets, maps, finite, done, writer, lines)
+            self.perturbation_lines(pixels, paths, keys, probabilities, targets, maps, finite, done, writer, lines,
+                                    sizes)
         probabilities, finite_list = probabilities.cpu().numpy(), finite.tolist()
         record = evaluation.prediction_record()
         for index, key in enumerate(keys):
@@ -457,20 +495,21 @@ class BatchEvaluator:
         return [line for image in lines for line in image]
 
     def perturbation_lines(self, pixels, paths, keys, probabilities, targets, maps, finite, done, writer,
-                           lines: list[list[dict]]) -> None:
+                           lines: list[list[dict]], sizes: Sequence[tuple[int, int]] = ()) -> None:
         """Deletion and insertion of every row × target × (finite, not done) image, in one stream through the
         model; appends each image's lines to ``lines``."""
         evaluation = self.evaluation
-        runs = []  # (image, row, target column, metric)
+        pending = []  # (image, row, target column)
         finite_list = finite.tolist()
         for row in evaluation.rows:
             record = evaluation.perturbation_record(row)
             for column in range(targets.shape[1]):
                 for index, key in enumerate(keys):
                     if finite_list[index] and (key, column) not in done.get(record["key"], ()):
-                        runs += [(index, row, column, metric) for metric in evaluation.perturbations]
-        if not runs:
+                        pending.append((index, row, column))
+        if not pending:
             return
+        runs = [(*item, metric) for item in pending for metric in evaluation.perturbations]  # + the metric
         grid = tuple(maps[RANDOM].shape[-2:])
         patch_size(pixels, grid)  # the grid divides the input, before any work
         baselines = baseline_inputs(pixels, evaluation.baseline)
@@ -491,9 +530,14 @@ class BatchEvaluator:
                 top1=chefer)
             areas = chefer_area(curves) if chefer else area_under_curve(curves)
             measured += zip(chosen, areas.tolist(), curves.tolist())
-        results: dict[tuple[int, str, int], dict] = {}
+        results: dict[tuple[int, str, int], dict] = {(i, row.label, c): {"curves": {}} for i, row, c in pending}
+        if evaluation.ground_truth_fields:
+            targets_list = targets.tolist()
+            for index, row, column in pending:
+                results[index, row.label, column].update(self.ground_truth_values(
+                    paths[index], sizes[index], maps[row.label][index, column], targets_list[index][column]))
         for run, area, curve in measured:
-            entry = results.setdefault((run[0], run[1].label, run[2]), {"curves": {}})
+            entry = results[run[0], run[1].label, run[2]]
             entry[run[3]] = area
             entry["curves"][run[3]] = curve
         probabilities_np = probabilities.cpu().numpy()
@@ -509,6 +553,68 @@ class BatchEvaluator:
                 mask = maps[label][index, column].cpu().numpy().astype(np.float32)
                 entry = writer.write(name, {"raw": (".npy", encoded_array(mask))}, {**entry, "name": name})
             lines[index].append(entry)
+
+    def ground_truth_values(self, path: Path, size: tuple[int, int], mask: torch.Tensor, target: int) -> dict:
+        """The ground-truth fields of one map ``(gh, gw)`` for ``target`` on the image at ``path`` of ``size``
+        ``(H, W)``: ``None`` where the image has no annotation of the target (counted apart); each problem with
+        its annotation noted once in :attr:`notes`."""
+        evaluation, (height, width) = self.evaluation, size
+        values: dict[str, float | None] = dict.fromkeys(evaluation.ground_truth_fields)
+        stem = Path(path).stem
+        try:
+            boxes = evaluation.ground_truth.boxes_for(stem)
+            if boxes is not None and boxes.size is not None and boxes.size != (width, height):
+                raise AnnotationProblem(f"its boxes are for a {boxes.size[0]}×{boxes.size[1]} image, it is "
+                                        f"{width}×{height}: they do not fit")
+            object_mask = evaluation.ground_truth.mask_for(stem, height, width)
+        except AnnotationProblem as problem:
+            self.note(f"{path}: {problem}")
+            return values
+        region = None
+        if boxes is not None:
+            mine = [box for box in boxes.boxes if self.label_index(box.label, path) == target]
+            region = box_region(mine, height, width) if mine else None
+        if region is None and object_mask is not None:
+            region = object_mask
+        if region is None and object_mask is None:
+            self.note(f"{path}: no annotation of class {target}")
+            return values
+        heat = upsample(mask[None], (height, width))[0].cpu()
+        if region is not None:
+            where = torch.from_numpy(region)
+            if "pointing" in values:
+                values["pointing"] = pointing_hit(heat, where)
+            if "energy" in values:
+                values["energy"] = energy(heat, where)
+        if object_mask is not None and "ap" in values:
+            values.update(segmentation_scores(heat, torch.from_numpy(object_mask)))
+        return values
+
+    def label_index(self, label: str, path: Path) -> int | None:
+        """A box's label as a class index: an index, an ImageNet synset id (1000-class heads) or a class name;
+        ``None`` (noted once) if it is none of these."""
+        if label not in self.labels:
+            index = None
+            if label.isdigit() and int(label) < len(self.class_names):
+                index = int(label)
+            elif len(self.class_names) == 1000 and re.fullmatch(r"n\d{8}", label):
+                from timm.data import ImageNetInfo
+
+                synsets = ImageNetInfo().label_names()
+                index = synsets.index(label) if label in synsets else None
+            else:
+                try:
+                    index = resolve_class(label, class_synonyms_for(len(self.class_names)))
+                except ValueError:
+                    pass
+            if index is None:
+                self.note(f"{path}: unknown class {label!r} in the annotation (not one of the model's classes)")
+            self.labels[label] = index
+        return self.labels[label]
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
 
     def grid_readings(self, grids: torch.Tensor, targets: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
         """Per grid row, each reading of :func:`~vitexplain.metrics.pointing.tile_readings` ``(G, 4)`` of each

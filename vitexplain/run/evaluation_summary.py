@@ -16,6 +16,7 @@ from typing import Callable
 
 from ..io.inputs import input_key
 from ..io.outputs import atomic_write
+from ..metrics.ground_truth import SEGMENTATION_FIELDS
 from ..metrics.perturbation import METRICS
 from ..metrics.statistics import bootstrap_interval
 from ..render.curves import plot_curves
@@ -23,13 +24,16 @@ from .evaluation import EvaluationJob, grid_work
 
 SUMMARY_JSON, SUMMARY_CSV, SUMMARY_MD, CURVES_PNG = "summary.json", "summary.csv", "summary.md", "curves.png"
 HEADINGS = {"deletion": "deletion AUC ↓", "insertion": "insertion AUC ↑", "positive": "positive AUC ↓",
-            "negative": "negative AUC ↑", "grid": "grid share ↑", "grid_hit": "grid hit ↑", "grid_auroc": "grid AUROC ↑"}
+            "negative": "negative AUC ↑", "grid": "grid share ↑", "grid_hit": "grid hit ↑", "grid_auroc": "grid AUROC ↑",
+            "pointing": "pointing ↑", "energy": "energy ↑", "pixel_accuracy": "pixel accuracy ↑", "miou": "mIoU ↑",
+            "ap": "AP ↑"}
 GRID_COLUMNS = {"grid": "share", "grid_hit": "hit", "grid_auroc": "tile_auroc"}  # the table's column: the line's field
 
 
 def columns(metrics: tuple[str, ...]) -> tuple[str, ...]:
     """The summary's columns for the evaluated ``metrics``: the grid game gives three (share, hit, AUROC)."""
-    return tuple(column for metric in metrics for column in (GRID_COLUMNS if metric == "grid" else (metric,)))
+    expanded = {"grid": tuple(GRID_COLUMNS), "segmentation": SEGMENTATION_FIELDS}
+    return tuple(column for metric in metrics for column in expanded.get(metric, (metric,)))
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,11 @@ def summarize(job: EvaluationJob) -> list[RowSummary]:
     summaries = []
     for row in evaluation.rows:
         summary = RowSummary(row.label)
-        lines = by_key.get(evaluation.perturbation_record(row)["key"], []) if evaluation.perturbations else []
+        lines = by_key.get(evaluation.perturbation_record(row)["key"], []) if evaluation.per_image else []
+        for name in evaluation.ground_truth_fields:  # images without an annotation of the target: counted apart
+            values = [float(line[name]) for line in lines if isinstance(line.get(name), (int, float))]
+            if values:
+                summary.metrics[name] = MetricSummary.of(values)
         for metric in evaluation.perturbations:
             values = [line[metric] for line in lines if isinstance(line.get(metric), float)]
             if values:
