@@ -11,7 +11,9 @@ region of the target (the union of its boxes, or the object mask):
 - **segmentation** (Chefer et al.'s ImageNet-segmentation protocol), with a mask: the map thresholded at its
   mean is the predicted object; ``pixel_accuracy`` is the share of pixels labelled right, ``miou`` the mean of
   the object's and the background's intersection over union, ``ap`` the average precision of the map's
-  values ranking the mask's pixels.
+  values ranking the mask's pixels. Each is per image, at the image's own size, and the summary averages
+  images; Chefer et al.'s code works on 224×224 resized images and divides intersections and unions summed
+  over the whole dataset (pixel accuracy agrees for equal-sized images; mIoU weighs large objects more there).
 """
 from __future__ import annotations
 

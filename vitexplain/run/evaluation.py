@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from ..capture.tokens import token_layout
+from ..io.annotations import AnnotationProblem, GroundTruth, box_region
 from ..io.inputs import Failure, find_images, input_key
 from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
 from ..methods.base import Param
@@ -40,7 +41,6 @@ from ..methods.registry import get_method
 from ..metrics.baselines import content_key, random_maps
 from ..metrics.perturbation import (BASELINES, CHEFER_METRICS, METRICS, area_under_curve, baseline_inputs, chefer_area,
                                    fraction_counts, patch_size, perturbation_curves)
-from ..io.annotations import AnnotationProblem, GroundTruth, box_region
 from ..metrics.ground_truth import GROUND_TRUTH_METRICS, SEGMENTATION_FIELDS, energy, pointing_hit, segmentation_scores, upsample
 from ..metrics.pointing import GRID_READINGS, TILES, arrangements, check_grid, compose_grids, image_groups, tile_readings
 from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, class_synonyms_for, plan_model, resolve_class
@@ -97,21 +97,19 @@ def parse_methods(text: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def score_problem(entry: dict[str, Any]) -> str | None:
-    """What makes a parsed ``evaluation.jsonl`` line unusable: a perturbation line without a finite number for
-    each of its metrics, a grid line without a finite ``share`` (e.g. a hand-edited ``"deletion": "abc"``). Such
-    a line is skipped with a warning, and its work redone."""
+    """What makes a parsed ``evaluation.jsonl`` line unusable: a per-image line without a finite number for each
+    of its metrics (a ground-truth field may be ``null``: no annotation of the target), a grid line without its
+    readings (e.g. a hand-edited ``"deletion": "abc"``). Such a line is skipped with a warning, its work redone."""
     if entry.get("status") != "ok":
         return None
-    kind = entry["request"].get("kind")
-    fields = entry["request"].get("metrics") if kind == "perturbation" else \
-        entry["request"].get("readings", ["share"]) if kind == "grid" else []
-    for name in entry["request"].get("ground_truth", []) if kind == "perturbation" else []:  # None: no annotation
+    request, kind = entry["request"], entry["request"].get("kind")
+    fields = request.get("metrics") if kind == "perturbation" else request.get("readings", ["share"]) if kind == "grid" else []
+    optional = request.get("ground_truth", []) if kind == "perturbation" else []
+    for name, may_be_null in [*((f, False) for f in fields), *((f, True) for f in optional)] \
+            if isinstance(fields, list) and isinstance(optional, list) else [("metrics", False)]:
         value = entry.get(name, "missing")
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
-            return f"{name} is not a number"
-    for name in fields if isinstance(fields, list) else ["metrics"]:
-        value = entry.get(name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if not (value is None and may_be_null) and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)):
             return f"{name} is not a number"
     return None
 
@@ -496,8 +494,8 @@ class BatchEvaluator:
 
     def perturbation_lines(self, pixels, paths, keys, probabilities, targets, maps, finite, done, writer,
                            lines: list[list[dict]], sizes: Sequence[tuple[int, int]] = ()) -> None:
-        """Deletion and insertion of every row × target × (finite, not done) image, in one stream through the
-        model; appends each image's lines to ``lines``."""
+        """The line of every row × target × (finite, not done) image: its perturbation curves and AUCs (each
+        protocol's runs in one stream through the model) and its ground-truth scores; appended to ``lines``."""
         evaluation = self.evaluation
         pending = []  # (image, row, target column)
         finite_list = finite.tolist()
