@@ -37,8 +37,8 @@ MODEL = "deit_tiny_patch16_224"
 
 
 def annotate(folder: Path, boxes: Path, masks: Path) -> None:
-    """Two boxes (one of class 0, one of each image's own classes is unknown here: labels 0…999 cycle) and a
-    centred object mask per image, at its own size."""
+    """Two boxes per image, their labels cycling over the classes (which class a box names does not change the
+    cost), and a centred object mask, at each image's own size."""
     boxes.mkdir()
     masks.mkdir()
     paths, _ = find_images([folder])
