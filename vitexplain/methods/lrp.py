@@ -80,7 +80,7 @@ class LayerwiseRelevance(Explainer):
 
     name = "lrp"
     summary = ("Conservative relevance propagation (Ali et al. 2022, AttnLRP 2024): gradient × input under LRP "
-               "rules; the most faithful map measured.")
+               "rules; the most faithful map in our held-out measurements.")
     description = ("R_l = Σ_channels h_l ⊙ ∂̃s/∂h_l for the tokens entering block --layer, the backward modified by "
                    "--rule (cp: LayerNorm σ and attention probabilities constant); s the target's log-softmax or "
                    "logit. The map is relu(R_l) over the patches. One output per image and --class.")
