@@ -52,6 +52,7 @@ Inputs = Annotated[list[Path], typer.Argument(help="Image files or folders (sear
 OutDir = Annotated[Path, typer.Option("--out", "-o", help="Folder for overlays, raw masks and manifest.jsonl.", rich_help_panel=OUTPUT_PANEL)]
 ModelName = Annotated[str, typer.Option("--model", "-m", help="timm ViT name; pretrained weights via timm unless --checkpoint.", rich_help_panel=MODEL_PANEL)]
 CheckpointPath = Annotated[Optional[Path], typer.Option("--checkpoint", help="Local state dict (.pth/.pt/.bin/.safetensors; plain or under 'state_dict'/'model') for --model.", rich_help_panel=MODEL_PANEL)]
+LabelsPath = Annotated[Optional[Path], typer.Option("--labels", help="The head's class names: a text file (one per line), a JSON list, or a JSON object index → name; target classes may then be given by these names. Default: ImageNet's names for 1000-class heads, class_<i> otherwise.", show_default=False, rich_help_panel=MODEL_PANEL)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per forward pass.", rich_help_panel=RUN_PANEL)]
 DeviceOpt = Annotated[DeviceChoice, typer.Option("--device", help="auto = CUDA, then MPS, then CPU.", rich_help_panel=RUN_PANEL)]
 WorkersOpt = Annotated[Optional[int], typer.Option("--num-workers", "-j", min=0, help="DataLoader worker processes decoding images. Default: on CPU half the cores, at most 4; with a GPU, the cores not needed for writing, at most 12 (never more than the images).", show_default=False, rich_help_panel=RUN_PANEL)]
@@ -119,6 +120,7 @@ def param_option(param: Param, panel: str = METHOD_PANEL, help_text: str | None 
 
 COMMON = [
     ("out", OutDir, Path("vitexplain-out")), ("model", ModelName, DEFAULT_MODEL), ("checkpoint", CheckpointPath, None),
+    ("labels", LabelsPath, None),
     ("batch_size", BatchOpt, 8), ("device", DeviceOpt, DeviceChoice.auto), ("num_workers", WorkersOpt, None),
     ("colormap", ColormapOpt, ColormapChoice.jet), ("alpha", AlphaOpt, 0.5), ("stretch", StretchOpt, None),
     ("save_raw", SaveRawOpt, False), ("max_side", MaxSideOpt, None), ("image_format", FormatOpt, FormatChoice.png),
@@ -129,7 +131,7 @@ COMMON = [
 ]
 
 
-EVALUATE_COMMON = ("model", "checkpoint", "batch_size", "device", "num_workers", "overwrite", "amp")
+EVALUATE_COMMON = ("model", "checkpoint", "labels", "batch_size", "device", "num_workers", "overwrite", "amp")
 
 
 def option(name: str, annotation, default) -> inspect.Parameter:
@@ -336,7 +338,7 @@ def run_command(method: str, options: dict, params: dict, sweep: SweepOptions | 
                                 options.get("classes"), render, sweep, options["stretch"], options["amp"],
                                 value(options["device"]), options["overwrite"], param_label=lambda p: p.flag,
                                 batch_size=options["batch_size"], shard=shard,
-                                part="ray-driver" if engine == "ray" else None, **params)
+                                part="ray-driver" if engine == "ray" else None, labels=options["labels"], **params)
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
         print_header(ready.request.describe(), ready.writer.warnings, ready.input_failures)
@@ -367,7 +369,8 @@ def run_evaluation(options: dict, shared: dict) -> None:
                 options["inputs"], options["out"], ev.parse_methods(options["methods"]), metrics, options["steps"],
                 value(options["baseline"]), options["model"], options["checkpoint"], options.get("classes"),
                 options["amp"], value(options["device"]), options["overwrite"], options["seed"], options["save_raw"],
-                shared, param_label=lambda p: p.flag, boxes=options["boxes"], masks=options["masks"])
+                shared, param_label=lambda p: p.flag, boxes=options["boxes"], masks=options["masks"],
+                labels=options["labels"])
         except (ValueError, TypeError, ModelChoiceError, OutputError) as error:
             raise fail(str(error), code=2) from None
         print_header(ready.evaluation.describe(), ready.writer.warnings, ready.input_failures)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import os
 import pickle
 from dataclasses import asdict, dataclass
@@ -220,6 +221,12 @@ class ModelPlan:
     pretrained_cfg: dict
     depth: int  # the number of attention blocks
     grid: tuple[int, int] = (0, 0)  # the patch grid (gh, gw) at the preprocessing's input size
+    labels: tuple[str, ...] | None = None  # the head's class names, from --labels
+
+    @property
+    def class_synonyms(self) -> tuple[tuple[str, ...], ...]:
+        """Per class, the names ``--class`` accepts: the labels given, else :func:`class_synonyms_for`."""
+        return label_synonyms(self.labels, self.num_classes)
 
     def check_weights_reachable(self) -> None:
         """Raise :class:`ModelChoiceError` if pretrained weights are planned but cannot be had offline."""
@@ -228,10 +235,10 @@ class ModelPlan:
 
 
 def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, pretrained: bool = True,
-               **model_kwargs) -> ModelPlan:
+               labels: str | Path | None = None, **model_kwargs) -> ModelPlan:
     """Check everything that can fail cheaply: the name, the checkpoint file and the architecture
-    (built on the meta device, no memory, no weights). Without a checkpoint the weights are timm's
-    pretrained ones, or a random init with ``pretrained=False``."""
+    (built on the meta device, no memory, no weights), and the ``labels`` file (:func:`read_labels`). Without a
+    checkpoint the weights are timm's pretrained ones, or a random init with ``pretrained=False``."""
     check_model_name(name)
     state = read_state_dict(Path(checkpoint)) if checkpoint is not None else None
     kwargs = dict(model_kwargs)
@@ -253,9 +260,63 @@ def plan_model(name: str = DEFAULT_MODEL, checkpoint: str | Path | None = None, 
     else:
         source = ModelSource(name, "random", model_kwargs=options)
     preprocessing = preprocessing_for(skeleton)
+    names = read_labels(Path(labels), int(skeleton.num_classes)) if labels is not None else None
     return ModelPlan(name, int(skeleton.num_classes), state, kwargs, source, preprocessing,
                      dict(skeleton.pretrained_cfg or {}), len(skeleton.blocks),
-                     token_layout(skeleton, preprocessing.size).grid)
+                     token_layout(skeleton, preprocessing.size).grid, names)
+
+
+def read_labels(path: Path, num_classes: int) -> tuple[str, ...]:
+    """The head's class names from ``path``: plain text, one name per line (blank lines and surrounding space
+    ignored), a JSON list, or a JSON object of index → name covering every index; one per class of the head,
+    all different. :class:`ModelChoiceError` saying what is wrong."""
+    if not path.is_file():
+        raise ModelChoiceError(f"--labels {str(path)!r} " + ("is not a regular file" if os.path.lexists(path) else "does not exist"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ModelChoiceError(f"--labels {str(path)!r}: cannot read it as UTF-8 text ({error})") from None
+    stripped = text.strip()
+    names: list
+    if stripped.startswith(("[", "{")):
+        try:
+            loaded = json.loads(stripped)
+        except json.JSONDecodeError as error:
+            raise ModelChoiceError(f"--labels {str(path)!r}: not valid JSON ({error})") from None
+        if isinstance(loaded, dict):
+            try:
+                by_index = {int(k): v for k, v in loaded.items()}
+            except ValueError:
+                raise ModelChoiceError(f"--labels {str(path)!r}: a JSON object's keys must be class indices") from None
+            if sorted(by_index) != list(range(len(by_index))):
+                raise ModelChoiceError(f"--labels {str(path)!r}: the indices must be 0…{len(by_index) - 1}, each once")
+            loaded = [by_index[i] for i in range(len(by_index))]
+        names = loaded
+    else:
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+    if not names:
+        raise ModelChoiceError(f"--labels {str(path)!r} holds no class names")
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise ModelChoiceError(f"--labels {str(path)!r}: every class name must be non-empty text")
+    names = [n.strip() for n in names]
+    if len(names) != num_classes:
+        raise ModelChoiceError(f"--labels {str(path)!r} names {len(names)} classes; the model's head has {num_classes}")
+    seen: dict[str, int] = {}
+    for index, name in enumerate(names):
+        if name.lower() in seen:
+            raise ModelChoiceError(f"--labels {str(path)!r}: {name!r} names classes {seen[name.lower()]} and {index}")
+        seen[name.lower()] = index
+    return tuple(names)
+
+
+def label_synonyms(labels: tuple[str, ...] | None, num_classes: int) -> tuple[tuple[str, ...], ...]:
+    """Per class, its accepted names: ``labels`` if given, else :func:`class_synonyms_for`."""
+    return tuple((name,) for name in labels) if labels else class_synonyms_for(num_classes)
+
+
+def labels_digest(labels: tuple[str, ...]) -> str:
+    """16 hex digits of the SHA-256 of the class names, one per line: what a run's record keeps of them."""
+    return hashlib.sha256("\n".join(labels).encode()).hexdigest()[:16]
 
 
 def build_model(plan: ModelPlan) -> nn.Module:

@@ -28,7 +28,8 @@ RESERVED = frozenset({
     "inputs", "out", "model", "checkpoint", "classes", "batch_size", "device", "num_workers", "colormap", "alpha",
     "save_raw", "stretch", "max_side", "image_format", "overwrite", "profile", "amp", "method", "ratios", "fps",
     "gif", "grid", "help", "version", "render", "param_label", "pretrained", "methods", "metrics", "steps",
-    "baseline", "seed", "shared", "shard", "engine", "ray_address", "ray_workers", "cpus_per_worker", "ray_logs",
+    "baseline", "seed", "shared", "shard", "engine", "ray_address", "ray_workers", "cpus_per_worker", "ray_logs", "labels",
+    "boxes", "masks",
     "gpus_per_worker", "part",
 })
 RESERVED_NAMES = frozenset({"sweep", "evaluate", "compact", "random"})  # the other subcommands, and evaluate's baseline row

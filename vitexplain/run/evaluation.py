@@ -43,7 +43,7 @@ from ..metrics.perturbation import (BASELINES, CHEFER_METRICS, METRICS, area_und
                                    fraction_counts, patch_size, perturbation_curves)
 from ..metrics.ground_truth import GROUND_TRUTH_METRICS, SEGMENTATION_FIELDS, energy, pointing_hit, segmentation_scores, upsample
 from ..metrics.pointing import GRID_READINGS, TILES, arrangements, check_grid, compose_grids, image_groups, tile_readings
-from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, class_synonyms_for, plan_model, resolve_class
+from ..models import DEFAULT_MODEL, ModelPlan, build_model, labels_digest, plan_model, resolve_class
 from .interrupts import StopRequests
 from .loader import make_loader
 from .pipeline import NOT_FINITE, Recorder, RunSummary, loader_failure, prediction_record, timed_batches
@@ -184,7 +184,9 @@ class Evaluation:
         return len(self.classes) if self.classes else 1
 
     def common(self) -> dict:
-        return {"model": self.plan.source.identity(), "preprocessing": self.plan.preprocessing.record(), "amp": self.amp}
+        labels = {"labels_sha256": labels_digest(self.plan.labels)} if self.plan.labels else {}  # names in the lines
+        return {"model": self.plan.source.identity(), "preprocessing": self.plan.preprocessing.record(), "amp": self.amp,
+                **labels}
 
     def shown(self) -> dict:
         return {"checkpoint": self.plan.source.record().get("checkpoint")}
@@ -280,7 +282,7 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
                        overwrite: bool = False, seed: int = 0, save_raw: bool = False,
                        shared: dict[str, Any] | None = None, pretrained: bool = True,
                        param_label: Callable[[Param], str] = lambda p: p.name, boxes: str | Path | None = None,
-                       masks: str | Path | None = None) -> EvaluationJob:
+                       masks: str | Path | None = None, labels: str | Path | None = None) -> EvaluationJob:
     """Check the whole evaluation and find the work; usage errors raise (``ValueError``,
     :class:`~vitexplain.models.ModelChoiceError`, :class:`~vitexplain.io.outputs.OutputError`) before any
     weights are loaded. ``methods`` are ``(name, settings)`` pairs (see :func:`parse_methods`). With ``boxes`` or
@@ -307,10 +309,10 @@ def prepare_evaluation(inputs: Sequence[str | Path], out: str | Path, methods: S
     if classes and "grid" in metrics and len(metrics) == 1:
         raise ValueError("--class does not apply to the grid pointing game (each tile's class is explained)")
     target_device = resolve_device(device)
-    plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained)
+    plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained, labels=labels)
     if not plan.num_classes:
         raise ValueError(f"evaluate scores the model's class probabilities, and {model!r} has no classifier head")
-    synonyms = class_synonyms_for(plan.num_classes)
+    synonyms = plan.class_synonyms
     targets = tuple(resolve_class(c, synonyms) for c in classes) if classes else None
     rows = evaluation_rows(methods, plan, dict(shared or {}), amp, param_label)
     evaluation = Evaluation(rows, plan, metrics, steps, baseline, targets, amp, seed, save_raw, ground_truth)
@@ -425,7 +427,7 @@ class BatchEvaluator:
     def __init__(self, evaluation: Evaluation, model: nn.Module, device: torch.device, batch_size: int):
         self.evaluation, self.model, self.device, self.batch_size = evaluation, model, device, batch_size
         self.explainers = {row.label: row.request.explainer(model, device) for row in evaluation.rows if row.request}
-        self.class_names = class_names_for(evaluation.plan.num_classes)
+        self.class_names = tuple(names[0] for names in evaluation.plan.class_synonyms)
         self.dtype = amp_dtype(device) if evaluation.amp else None
         self.labels: dict[str, int | None] = {}  # annotation labels resolved to class indices
         self.notes: list[str] = []  # problems with the annotations, one line each
@@ -602,7 +604,7 @@ class BatchEvaluator:
                 index = synsets.index(label) if label in synsets else None
             else:
                 try:
-                    index = resolve_class(label, class_synonyms_for(len(self.class_names)))
+                    index = resolve_class(label, self.evaluation.plan.class_synonyms)
                 except ValueError:
                     pass
             if index is None:

@@ -17,7 +17,7 @@ from ..io.inputs import Failure, find_images
 from ..io.outputs import OutputWriter, pending_outputs
 from ..methods.base import Param, resolve_params
 from ..methods.registry import get_method
-from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_synonyms_for, plan_model, resolve_class
+from ..models import DEFAULT_MODEL, ModelPlan, build_model, plan_model, resolve_class
 from .options import RenderOptions, SweepOptions
 from .pipeline import RunSummary, explain_paths
 from .request import Request
@@ -49,7 +49,8 @@ def prepare(method: str, inputs: Sequence[str | Path], out: str | Path, model: s
             render: RenderOptions | None = None, sweep: SweepOptions | None = None, stretch: bool | None = None,
             amp: bool = False, device: str = "auto", overwrite: bool = False, pretrained: bool = True,
             param_label: Callable[[Param], str] = lambda p: p.name, batch_size: int = 8,
-            shard: tuple[int, int] | None = None, part: str | None = None, **params: Any) -> Job:
+            shard: tuple[int, int] | None = None, part: str | None = None, labels: str | Path | None = None,
+            **params: Any) -> Job:
     """Check the whole request and find the work: usage errors raise before any weights are loaded.
     ``classes`` are indices or names; ``params`` the method's parameters; ``overwrite`` redoes outputs that
     are complete already. ``shard=(k, n)`` takes the k-th of n shares of the inputs (:func:`shard_of`),
@@ -63,8 +64,8 @@ def prepare(method: str, inputs: Sequence[str | Path], out: str | Path, model: s
     resolve_params(get_method(method), params, param_label)  # the cheapest checks first
     target = resolve_device(device)
     out = Path(out)
-    plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained)
-    synonyms = class_synonyms_for(plan.num_classes)
+    plan = plan_model(model, checkpoint=checkpoint, pretrained=pretrained, labels=labels)
+    synonyms = plan.class_synonyms
     targets = tuple(resolve_class(c, synonyms) for c in classes) if classes else None
     request = Request.create(method, plan, targets, render, sweep, amp, stretch, param_label, **params)
     writer = OutputWriter(out, part=part)  # proves --out writable, and locks it for this run

@@ -23,7 +23,6 @@ from ..io.codecs.gif import encode_gif
 from ..io.inputs import Failure, input_key
 from ..io.outputs import Content, OutputStop, OutputWriter, encoded_array, encoded_image, failure_entry
 from ..methods.base import Explainer, no_timer
-from ..models import class_names_for
 from ..render.overlay import contact_sheet, fit_within, overlay
 from ..render.sweep import sweep_frames
 from .allocator import PeriodicTrim, trim_heap
@@ -240,7 +239,7 @@ def explain_paths(
     explainer.on_progress = on_progress
     explainer.timer = timer or no_timer
     record = request.record()
-    class_names = class_names_for(request.num_classes)
+    class_names = request.class_names
     background = OrderedBackground(max_pending=2 * batch_size, timer=timer)
     recorder = Recorder(writer, summary, on_failure)
     trim = PeriodicTrim()

@@ -37,6 +37,7 @@ class Request:
     render: RenderOptions = RenderOptions()
     sweep: SweepOptions | None = None
     amp: bool = False
+    labels: tuple[str, ...] | None = None  # the head's class names, from --labels
 
     @classmethod
     def create(cls, method: str, model: ModelPlan, classes: Sequence[int] | None = None,
@@ -62,7 +63,14 @@ class Request:
         render = render or RenderOptions()
         render = replace(render, stretch=explainer.stretch_overlay if stretch is None else bool(stretch))
         return cls(method, tuple(settings.items()), model.source, model.preprocessing, model.num_classes,
-                   tuple(int(c) for c in classes) if classes else None, render, sweep, bool(amp))
+                   tuple(int(c) for c in classes) if classes else None, render, sweep, bool(amp), model.labels)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """One display name per class: the labels given, else ImageNet's first lemma or ``class_<i>``."""
+        from ..models import label_synonyms
+
+        return tuple(names[0] for names in label_synonyms(self.labels, self.num_classes))
 
     @property
     def method_class(self) -> type[Explainer]:
@@ -101,6 +109,8 @@ class Request:
 
     def identity(self) -> dict:
         """Everything that changes an output (the checkpoint's path does not; its content does)."""
+        from ..models import labels_digest
+
         return {
             "method": self.method,
             "method_version": self.method_class.version,
@@ -111,6 +121,7 @@ class Request:
             "render": asdict(self.render),
             "sweep": {**asdict(self.sweep), "ratios": list(self.sweep.ratios)} if self.sweep else None,
             "amp": self.amp,
+            **({"labels_sha256": labels_digest(self.labels)} if self.labels else {}),  # names in the manifest
         }
 
     @property
