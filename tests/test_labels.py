@@ -86,3 +86,18 @@ def test_evaluate_speaks_the_labels(tmp_path, fine_tuned):
     lines = [json.loads(line) for line in (tmp_path / "e" / "evaluation.jsonl").read_text().splitlines()]
     assert {line["target_name"] for line in lines if "method" in line} == {"normal"}
     assert all(line["predicted_name"] == NAMES[line["predicted"]] for line in lines)
+
+
+def test_timm_label_sets_name_their_heads(tmp_path, save_test_vit):
+    from vitexplain.models import class_synonyms_for
+
+    assert class_synonyms_for(1000)[243] == ("bull mastiff",)
+    assert class_synonyms_for(11821)[5] == ("food", "nutrient")  # ImageNet-12k, as timm's in12k heads
+    assert class_synonyms_for(21843)[0][:2] == ("organism", "being")  # ImageNet-21k (Google's)
+    assert class_synonyms_for(3) == (("class_0",), ("class_1",), ("class_2",))
+    _, checkpoint = save_test_vit(num_classes=11821)
+    write_image(tmp_path / "a.png", (32, 32))
+    result = invoke("grad-rollout", tmp_path / "a.png", "--model", "test_vit", "--checkpoint", checkpoint,
+                    "-o", tmp_path / "out", "--class", "nutrient")
+    assert result.exit_code == 0, result.output
+    assert [(e["target"], e["target_name"]) for e in read_manifest(tmp_path / "out")] == [(5, "food")]

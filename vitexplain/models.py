@@ -350,17 +350,22 @@ def preprocessing_for(model: nn.Module) -> Preprocessing:
     return Preprocessing((height, width), tuple(config["mean"]), tuple(config["std"]), config["interpolation"])
 
 
-@lru_cache(maxsize=1)
-def imagenet_class_synonyms() -> tuple[tuple[str, ...], ...]:
-    """Per ImageNet-1k class, its WordNet lemmas (``('tiger cat',)``, ``('airliner',)``…), shipped with timm."""
-    info = timm.data.ImageNetInfo()
-    return tuple(tuple(s.strip() for s in info.index_to_description(i).split(",")) for i in range(1000))
+@lru_cache(maxsize=4)
+def imagenet_class_synonyms(subset: str = "imagenet-1k") -> tuple[tuple[str, ...], ...]:
+    """Per class of an ImageNet label set (``imagenet-1k``, ``-12k``, ``-21k``, ``-22k`` as timm describes them),
+    its WordNet lemmas (``('tiger cat',)``, ``('airliner',)``…), shipped with timm."""
+    info = timm.data.ImageNetInfo(subset)
+    return tuple(tuple(s.strip() for s in info.index_to_description(i).split(",")) for i in range(info.num_classes()))
 
 
 def class_synonyms_for(num_classes: int) -> tuple[tuple[str, ...], ...]:
-    """ImageNet lemmas for a 1000-class head, ``('class_<i>',)`` otherwise."""
+    """The lemmas of the ImageNet label set with ``num_classes`` classes (1k; the 12k, 21k and 22k subsets timm's
+    pretrained heads use, told apart by their size as timm does), ``('class_<i>',)`` otherwise."""
     if num_classes == 1000:
         return imagenet_class_synonyms()
+    subset = timm.data.infer_imagenet_subset({"num_classes": num_classes})
+    if subset:
+        return imagenet_class_synonyms(subset)
     return tuple((f"class_{i}",) for i in range(num_classes))
 
 
