@@ -369,9 +369,9 @@ def class_synonyms_for(num_classes: int) -> tuple[tuple[str, ...], ...]:
     return tuple((f"class_{i}",) for i in range(num_classes))
 
 
-def class_names_for(num_classes: int) -> tuple[str, ...]:
-    """One display name per class: its first lemma."""
-    return tuple(synonyms[0] for synonyms in class_synonyms_for(num_classes))
+def class_names_for(num_classes: int, labels: tuple[str, ...] | None = None) -> tuple[str, ...]:
+    """One display name per class: the ``labels`` given, else its first lemma (:func:`label_synonyms`)."""
+    return tuple(synonyms[0] for synonyms in label_synonyms(labels, num_classes))
 
 
 def resolve_class(spec: str | int, synonyms: tuple[tuple[str, ...], ...]) -> int:

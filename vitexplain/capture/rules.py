@@ -61,7 +61,7 @@ def constant_scale_surrogate(module: nn.Module, x: Tensor) -> Tensor | None:
         centred = x - x.mean(dim=dims, keepdim=True)
         scale = (centred.detach().to(precise).pow(2).mean(dim=dims, keepdim=True) + eps).rsqrt().to(x.dtype)
         normalised = centred * scale
-    elif "rmsnorm" in type(module).__name__.lower():
+    elif is_rms_norm(module):
         scale = (x.detach().to(precise).pow(2).mean(dim=dims, keepdim=True) + eps).rsqrt().to(x.dtype)
         normalised = x * scale
     else:
@@ -70,9 +70,14 @@ def constant_scale_surrogate(module: nn.Module, x: Tensor) -> Tensor | None:
     return normalised * weight if weight is not None else normalised
 
 
+def is_rms_norm(module: nn.Module) -> bool:
+    """timm's ``RmsNorm`` family and torch's ``nn.RMSNorm``, by name (their classes vary across versions)."""
+    return "rmsnorm" in type(module).__name__.lower()
+
+
 def normalisation_modules(model: nn.Module) -> list[nn.Module]:
     """Every LayerNorm and RMSNorm of ``model``."""
-    return [m for m in model.modules() if isinstance(m, nn.LayerNorm) or "rmsnorm" in type(m).__name__.lower()]
+    return [m for m in model.modules() if isinstance(m, nn.LayerNorm) or is_rms_norm(m)]
 
 
 def activation_modules(model: nn.Module) -> list[nn.Module]:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..capture.tokens import token_layout
-from ..io.annotations import AnnotationProblem, GroundTruth, box_region
+from ..io.annotations import AnnotationProblem, GroundTruth, ImageBoxes, box_region
 from ..io.inputs import Failure, find_images, input_key
 from ..io.outputs import OutputStop, OutputWriter, encoded_array, failure_entry
 from ..methods.base import Param
@@ -43,7 +43,7 @@ from ..metrics.perturbation import (BASELINES, CHEFER_METRICS, METRICS, area_und
                                    fraction_counts, patch_size, perturbation_curves)
 from ..metrics.ground_truth import GROUND_TRUTH_METRICS, SEGMENTATION_FIELDS, energy, pointing_hit, segmentation_scores, upsample
 from ..metrics.pointing import GRID_READINGS, TILES, arrangements, check_grid, compose_grids, image_groups, tile_readings
-from ..models import DEFAULT_MODEL, ModelPlan, build_model, labels_digest, plan_model, resolve_class
+from ..models import DEFAULT_MODEL, ModelPlan, build_model, class_names_for, labels_digest, plan_model, resolve_class
 from .interrupts import StopRequests
 from .loader import make_loader
 from .pipeline import NOT_FINITE, Recorder, RunSummary, loader_failure, prediction_record, timed_batches
@@ -427,7 +427,7 @@ class BatchEvaluator:
     def __init__(self, evaluation: Evaluation, model: nn.Module, device: torch.device, batch_size: int):
         self.evaluation, self.model, self.device, self.batch_size = evaluation, model, device, batch_size
         self.explainers = {row.label: row.request.explainer(model, device) for row in evaluation.rows if row.request}
-        self.class_names = tuple(names[0] for names in evaluation.plan.class_synonyms)
+        self.class_names = class_names_for(evaluation.plan.num_classes, evaluation.plan.labels)
         self.dtype = amp_dtype(device) if evaluation.amp else None
         self.labels: dict[str, int | None] = {}  # annotation labels resolved to class indices
         self.notes: list[str] = []  # problems with the annotations, one line each
@@ -533,9 +533,14 @@ class BatchEvaluator:
         results: dict[tuple[int, str, int], dict] = {(i, row.label, c): {"curves": {}} for i, row, c in pending}
         if evaluation.ground_truth_fields:
             targets_list = targets.tolist()
+            images = {index for index, _row, _column in pending}
+            annotations = {index: self.annotation(paths[index], sizes[index]) for index in images}  # read once
+            regions = {(index, column): self.target_regions(paths[index], sizes[index], annotations[index],
+                                                            targets_list[index][column])
+                       for index, _row, column in pending}
             for index, row, column in pending:
                 results[index, row.label, column].update(self.ground_truth_values(
-                    paths[index], sizes[index], maps[row.label][index, column], targets_list[index][column]))
+                    regions[index, column], maps[row.label][index, column], sizes[index]))
         for run, area, curve in measured:
             entry = results[run[0], run[1].label, run[2]]
             entry[run[3]] = area
@@ -554,38 +559,52 @@ class BatchEvaluator:
                 entry = writer.write(name, {"raw": (".npy", encoded_array(mask))}, {**entry, "name": name})
             lines[index].append(entry)
 
-    def ground_truth_values(self, path: Path, size: tuple[int, int], mask: torch.Tensor, target: int) -> dict:
-        """The ground-truth fields of one map ``(gh, gw)`` for ``target`` on the image at ``path`` of ``size``
-        ``(H, W)``: ``None`` where the image has no annotation of the target (counted apart); each problem with
-        its annotation noted once in :attr:`notes`."""
-        evaluation, (height, width) = self.evaluation, size
-        values: dict[str, float | None] = dict.fromkeys(evaluation.ground_truth_fields)
-        stem = Path(path).stem
+    def annotation(self, path: Path, size: tuple[int, int]) -> tuple[ImageBoxes | None, np.ndarray | None] | None:
+        """The boxes and the object mask of the image at ``path`` of ``size`` ``(H, W)``, each ``None`` where it
+        has none; ``None`` (the problem noted in :attr:`notes`) where they cannot be used."""
+        ground_truth, (height, width), stem = self.evaluation.ground_truth, size, Path(path).stem
         try:
-            boxes = evaluation.ground_truth.boxes_for(stem)
+            boxes = ground_truth.boxes_for(stem)
             if boxes is not None and boxes.size is not None and boxes.size != (width, height):
                 raise AnnotationProblem(f"its boxes are for a {boxes.size[0]}×{boxes.size[1]} image, it is "
                                         f"{width}×{height}: they do not fit")
-            object_mask = evaluation.ground_truth.mask_for(stem, height, width)
+            return boxes, ground_truth.mask_for(stem, height, width)
         except AnnotationProblem as problem:
             self.note(f"{path}: {problem}")
-            return values
+            return None
+
+    def target_regions(self, path: Path, size: tuple[int, int], annotation, target: int
+                       ) -> tuple[np.ndarray | None, np.ndarray | None] | None:
+        """``(region, object mask)`` of ``target`` from the image's ``annotation`` (:meth:`annotation`): the
+        union of its boxes, else the mask; ``None`` (noted) where the image has no annotation of the target."""
+        if annotation is None:
+            return None
+        boxes, object_mask = annotation
         region = None
         if boxes is not None:
             mine = [box for box in boxes.boxes if self.label_index(box.label, path) == target]
-            region = box_region(mine, height, width) if mine else None
-        if region is None and object_mask is not None:
+            region = box_region(mine, *size) if mine else None
+        if region is None:
             region = object_mask
-        if region is None and object_mask is None:
+        if region is None:
             self.note(f"{path}: no annotation of class {target}")
+            return None
+        return region, object_mask
+
+    def ground_truth_values(self, regions: tuple[np.ndarray, np.ndarray | None] | None, mask: torch.Tensor,
+                            size: tuple[int, int]) -> dict:
+        """The ground-truth fields of one map ``(gh, gw)`` upsampled to the image's ``size``, against the target's
+        ``regions`` (:meth:`target_regions`); ``None`` where there are none (counted apart)."""
+        values: dict[str, float | None] = dict.fromkeys(self.evaluation.ground_truth_fields)
+        if regions is None:
             return values
-        heat = upsample(mask[None], (height, width))[0].cpu()
-        if region is not None:
-            where = torch.from_numpy(region)
-            if "pointing" in values:
-                values["pointing"] = pointing_hit(heat, where)
-            if "energy" in values:
-                values["energy"] = energy(heat, where)
+        region, object_mask = regions
+        heat = upsample(mask[None], size)[0].cpu()
+        where = torch.from_numpy(region)
+        if "pointing" in values:
+            values["pointing"] = pointing_hit(heat, where)
+        if "energy" in values:
+            values["energy"] = energy(heat, where)
         if object_mask is not None and "ap" in values:
             values.update(segmentation_scores(heat, torch.from_numpy(object_mask)))
         return values

@@ -68,9 +68,9 @@ class Request:
     @property
     def class_names(self) -> tuple[str, ...]:
         """One display name per class: the labels given, else ImageNet's first lemma or ``class_<i>``."""
-        from ..models import label_synonyms
+        from ..models import class_names_for
 
-        return tuple(names[0] for names in label_synonyms(self.labels, self.num_classes))
+        return class_names_for(self.num_classes, self.labels)
 
     @property
     def method_class(self) -> type[Explainer]:
